@@ -1,0 +1,164 @@
+"""
+The built-in "shapes" dataset: synthetic images with 1-3 shapes and questions about them.
+
+    python data/shapes/prepare.py            # writes data/shapes/{images/,*.json,tokenizer/}
+
+Deterministic from --seed. Each image holds 1-3 non-overlapping shapes of different kinds and
+colors (so "the circle" and "the red shape" name one shape each), of varied size and position, on
+a gray background of varied shade. Files, all LLaVA-format JSON:
+  train.json, val.json      multi-turn conversations: color, shape, count, exists, grounding, caption
+  captions.json             one caption per train image, for stage-1 alignment with the plain template
+  val_questions.json        single questions with their type and answer, for eval.py
+  tokenizer/                a byte-level BPE trained on the text here (digits split one by one)
+train.py runs this script by itself when the default data is missing.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from conversation import render  # noqa: E402
+
+SHAPES = ["circle", "square", "triangle"]
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+          "yellow": (235, 210, 40), "purple": (140, 60, 190), "orange": (245, 140, 30)}
+NUMBERS = ["zero", "one", "two", "three"]
+SUPERSAMPLE = 4  # draw large, then downsample: antialiased edges like a real photo
+
+
+def place_shapes(rng, size):
+    """1-3 (shape, color, box) with distinct shapes, distinct colors and boxes that do not touch."""
+    n = rng.randint(1, 3)
+    shapes, colors = rng.sample(SHAPES, n), rng.sample(list(COLORS), n)
+    objects = []
+    for shape, color in zip(shapes, colors):
+        for _ in range(100):
+            s = rng.randint(size // 5, size * 2 // 5)
+            x, y = rng.randint(1, size - s - 1), rng.randint(1, size - s - 1)
+            box = (x, y, x + s, y + s)
+            if all(box[2] + 2 <= b[0] or b[2] + 2 <= box[0] or box[3] + 2 <= b[1] or b[3] + 2 <= box[1]
+                   for _, _, b in objects):
+                objects.append((shape, color, box))
+                break
+    return objects
+
+
+def draw(objects, size, shade):
+    k = SUPERSAMPLE
+    img = Image.new("RGB", (size * k, size * k), (shade, shade, shade))
+    d = ImageDraw.Draw(img)
+    for shape, color, (x1, y1, x2, y2) in objects:
+        x1, y1, x2, y2 = x1 * k, y1 * k, x2 * k - 1, y2 * k - 1
+        if shape == "circle":
+            d.ellipse((x1, y1, x2, y2), fill=COLORS[color])
+        elif shape == "square":
+            d.rectangle((x1, y1, x2, y2), fill=COLORS[color])
+        else:
+            d.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=COLORS[color])
+    return img.resize((size, size), Image.LANCZOS)
+
+
+def box_text(box, size):
+    """Pixel box -> '[x1, y1, x2, y2]' on Ferret's 0-999 grid (x right, y down)."""
+    return "[" + ", ".join(str(min(999, v * 1000 // size)) for v in box) + "]"
+
+
+def caption(objects):
+    """Left to right, e.g. 'a red circle and a blue square.'"""
+    names = [("an " if color[0] in "aeiou" else "a ") + f"{color} {shape}" for shape, color, _ in sorted(objects, key=lambda o: o[2][0])]
+    return (", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + "."
+
+
+def questions(rng, objects, size):
+    """One question of each type about this image: [(type, question, answer)]."""
+    shape, color, box = rng.choice(objects)
+    present = {(s, c) for s, c, _ in objects}
+    if rng.random() < 0.5:
+        ask_shape, ask_color, answer = shape, color, "yes"
+    else:  # a pair that is absent, often with a shape or color that is present, so binding matters
+        absent = [(s, c) for s in SHAPES for c in COLORS if (s, c) not in present]
+        ask_shape, ask_color = rng.choice(absent)
+        answer = "no"
+    s2, c2, b2 = rng.choice(objects)
+    return [
+        ("color", f"What color is the {shape}?", color),
+        ("shape", f"What shape is the {c2} object?", s2),
+        ("count", "How many shapes are there?", NUMBERS[len(objects)]),
+        ("exists", f"Is there a {ask_color} {ask_shape}?", answer),
+        ("grounding", f"Where is the {c2} {s2}?", box_text(b2, size)),
+        ("caption", "Describe the image.", caption(objects)),
+    ]
+
+
+def conversation(rng, qs):
+    """A multi-turn conversation over a random subset of the questions (caption last: it names every
+    shape, so questions after it could be answered from the text instead of the image)."""
+    qs = rng.sample(qs[:-1], rng.randint(1, len(qs) - 1)) + ([qs[-1]] if rng.random() < 0.5 else [])
+    turns = []
+    for i, (_, q, a) in enumerate(qs):
+        turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q}, {"from": "gpt", "value": a}]
+    return turns
+
+
+def build_split(rng, name, n, size, out):
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    records, captions, single = [], [], []
+    for i in range(n):
+        objects = place_shapes(rng, size)
+        image = f"images/{name}_{i:06d}.png"
+        draw(objects, size, rng.randint(60, 200)).save(os.path.join(out, image))
+        qs = questions(rng, objects, size)
+        records.append({"id": f"{name}_{i}", "image": image, "conversations": conversation(rng, qs)})
+        captions.append({"id": f"{name}_{i}_cap", "image": image, "conversations": [
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": qs[-1][2]}]})
+        single += [{"id": f"{name}_{i}_{t}", "image": image, "type": t, "question": q, "answer": a} for t, q, a in qs]
+    return records, captions, single
+
+
+def train_tokenizer(texts, path, vocab_size):
+    """A byte-level BPE like GPT-2's, except that digits are split one by one (as Llama's tokenizer
+    does), so a coordinate is three tokens from a 10-way choice each."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<s>", "</s>", "<image>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            extra_special_tokens=["<image>"]).save_pretrained(path)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    p.add_argument("--train", type=int, default=20000, help="train images")
+    p.add_argument("--val", type=int, default=500, help="val images")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--vocab_size", type=int, default=512)
+    a = p.parse_args()
+    rng = random.Random(a.seed)
+    files = {}
+    files["train.json"], files["captions.json"], _ = build_split(rng, "train", a.train, a.size, a.out)
+    files["val.json"], _, files["val_questions.json"] = build_split(rng, "val", a.val, a.size, a.out)
+    texts = [render("vicuna_v1", r["conversations"]) for r in files["train.json"]]
+    train_tokenizer(texts, os.path.join(a.out, "tokenizer"), a.vocab_size)
+    for name, records in files.items():  # the JSON last: its presence means the split is complete
+        with open(os.path.join(a.out, name + ".tmp"), "w") as f:
+            json.dump(records, f, indent=None if name != "val_questions.json" else 0)
+        os.replace(os.path.join(a.out, name + ".tmp"), os.path.join(a.out, name))
+    print(f"wrote {a.train} train and {a.val} val images with {sum(len(r['conversations']) // 2 for r in files['train.json'])} "
+          f"train questions to {a.out}")
+
+
+if __name__ == "__main__":
+    main()

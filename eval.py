@@ -1,0 +1,77 @@
+"""
+Accuracy per question type on questions with known answers (run by train.py at the end, or on demand).
+
+    python eval.py --out_dir=out-shapes
+
+The question file is a JSON list of {"image", "type", "question", "answer"}, e.g.
+data/shapes/val_questions.json. A box answer "[x1, y1, x2, y2]" counts as right when its IoU with the
+true box is at least 0.5 (Acc@0.5); any other answer by exact match, ignoring case and a final period.
+Results go to <out_dir>/eval.json: question type -> accuracy, and the number of questions of each type.
+"""
+import json
+import os
+import re
+import sys
+
+import torch
+
+BOX = re.compile(r"\[\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\s*\]")
+
+
+def iou(a, b):
+    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
+def is_correct(prediction, answer):
+    truth = BOX.fullmatch(answer.strip())
+    if truth:
+        pred = BOX.search(prediction)
+        return bool(pred) and iou([int(v) for v in pred.groups()], [int(v) for v in truth.groups()]) >= 0.5
+    return prediction.strip().rstrip(".").lower() == answer.strip().rstrip(".").lower()
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, path, image_folder, template, image_aspect_ratio, batch_size=100, max_new_tokens=32):
+    """-> {type: accuracy, ..., "n_questions": {type: count}}."""
+    from sample import ask, image_args
+    with open(path) as f:
+        questions = json.load(f)
+    was_training = model.training
+    model.eval()
+    right, total = {}, {}
+    args = image_args(model, {"image_aspect_ratio": image_aspect_ratio})
+    for i in range(0, len(questions), batch_size):
+        qs = questions[i:i + batch_size]
+        answers = ask(model, tokenizer, template, args, [os.path.join(image_folder, q["image"]) if q.get("image") else None for q in qs],
+                      [q["question"] for q in qs], max_new_tokens)
+        for q, a in zip(qs, answers):
+            right[q["type"]] = right.get(q["type"], 0) + is_correct(a, q["answer"])
+            total[q["type"]] = total.get(q["type"], 0) + 1
+    model.train(was_training)
+    return {**{t: right[t] / total[t] for t in total}, "n_questions": total}
+
+
+def print_table(results):
+    print(f"{'question type':<14} {'accuracy':>8} {'n':>6}")
+    for t, n in results["n_questions"].items():
+        print(f"{t:<14} {results[t]:>8.3f} {n:>6}")
+
+
+if __name__ == "__main__":
+    import configurator
+    from model import checkpoints, load
+    from transformers import AutoTokenizer
+    args = configurator.configure(dict(out_dir="out-shapes", ckpt="", eval_data_path="data/shapes/val_questions.json",
+                                       eval_image_folder="data/shapes", device="cpu"), sys.argv[1:])
+    ckpt = args["ckpt"] or (checkpoints(args["out_dir"]) or [None])[-1]
+    if ckpt is None:
+        sys.exit(f"no checkpoint in {args['out_dir']}")
+    model, config = load(ckpt, args["device"])
+    results = evaluate(model, AutoTokenizer.from_pretrained(ckpt), args["eval_data_path"], args["eval_image_folder"],
+                       config["train"]["version"], config["train"]["image_aspect_ratio"])
+    print_table(results)
+    with open(os.path.join(os.path.dirname(ckpt), "eval.json"), "w") as f:
+        json.dump(results, f, indent=1)

@@ -1,0 +1,339 @@
+"""
+Train a vision-language model: image -> vision tower -> projector -> LLM.
+
+    python train.py                                   # tiny default: built-in shapes data, CPU, minutes
+    python train.py config/finetune.py --batch_size=8 # a config file, then --key=value overrides
+    torchrun --standalone --nproc_per_node=8 train.py config/finetune.py
+
+The defaults below are the tiny shapes run (config/train_shapes.py restates them). Which parts train
+is config, not code: stage 1 of LLaVA trains the projector only (tune_mm_mlp_adapter=True), stage 2
+the projector and the LLM; the vision tower trains when unfreeze_mm_vision_tower=True.
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers import AutoTokenizer
+
+import configurator
+from data import SupervisedDataset, collate, rank_batches, steps_per_epoch
+from model import VLM, checkpoints, load, save
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out-shapes"
+init_from = "scratch"  # 'scratch', 'resume' (latest checkpoint in out_dir), or a glimpse checkpoint folder
+eval_interval = 500  # optimizer steps between val losses and checkpoints
+log_interval = 25
+eval_iters = 10  # val batches per val loss
+keep_last = 1  # checkpoints kept in out_dir
+eval_data_path = "data/shapes/val_questions.json"  # questions + answers for eval.py at the end ('' skips)
+eval_image_folder = "data/shapes"
+wandb_log = False
+wandb_project = "glimpse"
+wandb_run_name = "shapes"
+# data (several files: comma-separated, with one image folder each or one for all)
+data_path = "data/shapes/train.json"
+image_folder = "data/shapes"
+val_data_path = "data/shapes/val.json"
+val_image_folder = "data/shapes"
+version = "vicuna_v1"  # chat template, see conversation.py
+image_aspect_ratio = "pad"  # 'pad' (LLaVA), 'square_nocrop' (Ferret), 'crop'
+model_max_length = 2048  # tokens, image tokens included
+num_workers = 0  # DataLoader workers that read images
+# model: a path / hub id, or a config dict for a random init
+model_name_or_path = dict(model_type="llama", hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
+tokenizer_name_or_path = "data/shapes/tokenizer"  # None: the tokenizer of model_name_or_path
+vision_tower = dict(model_type="clip_vision_model", hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                    num_attention_heads=4, image_size=64, patch_size=8)
+mm_vision_select_layer = -1  # hidden state fed to the projector (LLaVA: -2)
+mm_vision_select_feature = "patch"  # 'patch' or 'cls_patch'
+mm_projector_type = "mlp2x_gelu"
+# what trains
+tune_mm_mlp_adapter = False  # True: the projector only (LLaVA stage 1)
+freeze_backbone = False  # True: the LLM stays frozen
+unfreeze_mm_vision_tower = True  # the vision tower trains too (a random tower must)
+# optimizer: AdamW, linear warmup then cosine decay to min_lr
+batch_size = 32  # per process and micro-step
+gradient_accumulation_steps = 1  # micro-steps per optimizer step, summed over all processes
+max_iters = 2000  # optimizer steps; 0 means num_train_epochs over the data
+num_train_epochs = 1
+learning_rate = 2e-3
+mm_projector_lr = None  # None: learning_rate
+mm_vision_tower_lr = None  # None: learning_rate
+min_lr = 1e-4  # cosine floor (groups with their own lr keep the same ratio)
+warmup_iters = 0  # 0: warmup_ratio of max_iters
+warmup_ratio = 0.03
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.98
+grad_clip = 1.0  # 0 disables
+# system
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"  # bf16 is slow on CPUs
+compile = False
+seed = 1337
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, dict, list, tuple, type(None)))]
+config = configurator.configure({k: globals()[k] for k in config_keys}, sys.argv[1:])
+globals().update(config)
+# -----------------------------------------------------------------------------
+
+ddp = int(os.environ.get("RANK", -1)) != -1
+if ddp:
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+else:
+    rank, world = 0, 1
+master = rank == 0
+torch.manual_seed(seed)  # every rank builds the same random init
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+# the global batch is batch_size * gradient_accumulation_steps records: ranks share the accumulation
+# steps when they divide evenly, else each micro-batch (so the default also runs on 2 processes)
+if gradient_accumulation_steps % world == 0:
+    accum, micro_batch = gradient_accumulation_steps // world, batch_size
+elif batch_size % world == 0 and gradient_accumulation_steps == 1:
+    accum, micro_batch = 1, batch_size // world
+else:
+    raise ValueError(f"{world} processes cannot share gradient_accumulation_steps={gradient_accumulation_steps} "
+                     f"or batch_size={batch_size}: make one of them divisible by {world}")
+global_batch = micro_batch * accum * world
+
+
+def log(*a):
+    if master:
+        print(*a, flush=True)
+
+
+def make_data_if_missing(path):
+    """A missing file under data/<name>/ is made by data/<name>/prepare.py (rank 0 only)."""
+    parts = os.path.normpath(path).split(os.sep)
+    script = os.path.join(*parts[:2], "prepare.py") if len(parts) > 2 and parts[0] == "data" else None
+    if master and not os.path.exists(path) and script and os.path.exists(script):
+        log(f"{path} is missing: running {script}")
+        subprocess.run([sys.executable, script], check=True)
+    if ddp:
+        dist.barrier()
+
+
+for p in (data_path, val_data_path, eval_data_path):
+    for f in filter(None, p.split(",")):
+        make_data_if_missing(f)
+
+# model and tokenizer ----------------------------------------------------------
+state = {"iter": 0, "epoch": 0, "epoch_step": 0}
+ckpt = None
+if init_from == "resume":
+    if not checkpoints(out_dir):
+        raise FileNotFoundError(f"init_from='resume' but {out_dir} holds no checkpoint")
+    ckpt = checkpoints(out_dir)[-1]
+elif init_from != "scratch":
+    ckpt = init_from
+if ckpt:
+    log(f"loading {ckpt}")
+    model, _ = load(ckpt)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+else:
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or model_name_or_path)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]} if "<image>" not in tokenizer.get_vocab() else {})
+    model = VLM(dict(vision_tower=vision_tower, model_name_or_path=model_name_or_path,
+                     mm_vision_select_layer=mm_vision_select_layer, mm_vision_select_feature=mm_vision_select_feature,
+                     mm_projector_type=mm_projector_type, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                     vocab_size=len(tokenizer)))
+if tokenizer.pad_token_id is None:
+    tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id will do
+model.to(device)
+
+# what trains, and at which learning rate (stages are configs)
+model.requires_grad_(False)
+parts = [(model.mm_projector, mm_projector_lr or learning_rate)]
+if not tune_mm_mlp_adapter:
+    if not freeze_backbone:
+        parts.append((model.llm, learning_rate))
+    if unfreeze_mm_vision_tower:
+        parts.append((model.vision_tower, mm_vision_tower_lr or learning_rate))
+groups = []
+for module, lr in parts:
+    module.requires_grad_(True)
+    if module is model.vision_tower:
+        model.vision_tower.freeze_unused()  # e.g. layers after mm_vision_select_layer: DDP wants every
+    params = [p for p in module.parameters() if p.requires_grad]  # trainable parameter to get a gradient
+    groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "base_lr": lr},
+               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "base_lr": lr}]
+n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, trainable {n_train / 1e6:.2f}M; "
+    f"{model.num_image_tokens} tokens per image")
+optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=(beta1, beta2),
+                              fused=device_type == "cuda")
+if init_from == "resume":
+    optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location=device, weights_only=True))
+    with open(os.path.join(ckpt, "state.json")) as f:
+        state = json.load(f)
+    torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
+
+# data --------------------------------------------------------------------------
+tower = raw_model.vision_tower
+data_args = dict(tokenizer=tokenizer, template=version, num_image_tokens=raw_model.num_image_tokens,
+                 image_size=tower.image_size, image_mean=tower.image_mean, image_std=tower.image_std,
+                 image_aspect_ratio=image_aspect_ratio, model_max_length=model_max_length)
+train_data = SupervisedDataset(data_path, image_folder, **data_args)
+val_data = SupervisedDataset(val_data_path, val_image_folder, **data_args) if val_data_path else None
+for name, d in (("train", train_data), ("val", val_data)):
+    if d is not None and d.skipped:
+        log(f"{name}: skipped {len(d.skipped)} records, e.g. {next(iter(d.skipped.items()))}")
+n_steps = steps_per_epoch(len(train_data), global_batch)
+if n_steps == 0:
+    raise ValueError(f"{len(train_data)} records are fewer than one global batch of {global_batch}")
+max_iters = max_iters or n_steps * num_train_epochs
+warmup = warmup_iters or round(warmup_ratio * max_iters)
+log(f"train: {len(train_data)} records, {n_steps} steps of {global_batch} per epoch; {max_iters} steps")
+
+
+def loader(dataset, batches):
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                                       collate_fn=lambda s: collate(s, tokenizer.pad_token_id),
+                                       persistent_workers=False, pin_memory=device_type == "cuda")
+
+
+def train_batches():
+    """Micro-batches forever, from the saved data position on; state['epoch'/'epoch_step'] track it."""
+    while True:
+        batches = rank_batches(len(train_data), micro_batch, accum, rank, world, seed, state["epoch"], state["epoch_step"])
+        yield from loader(train_data, batches)
+        state["epoch"], state["epoch_step"] = state["epoch"] + 1, 0
+
+
+def to_device(batch):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def get_lr(it):
+    """Multiplier of each group's base lr: linear warmup, then cosine down to min_lr / learning_rate."""
+    if it < warmup:
+        return (it + 1) / (warmup + 1)
+    floor = min_lr / learning_rate
+    progress = min(1.0, (it - warmup) / max(1, max_iters - warmup))
+    return floor + 0.5 * (1.0 - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def estimate_val_loss():
+    """Mean val loss over eval_iters fixed batches, and the same with each image moved to the next record
+    of its batch: their gap is how much the model looks at the images (0: it answers from text alone)."""
+    model.eval()
+    batches = rank_batches(len(val_data), micro_batch, 1, rank, world, seed, 0)[:eval_iters]
+    sums = torch.zeros(3, device=device)
+    for batch in loader(val_data, batches):
+        batch = to_device(batch)
+        with autocast:
+            sums[0] += raw_model(batch)
+            sums[1] += raw_model({**batch, "pixel_values": batch["pixel_values"].roll(1, 0)})
+        sums[2] += 1
+    if ddp:
+        dist.all_reduce(sums)
+    model.train()
+    return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+
+
+def save_checkpoint():
+    """out_dir/ckpt-<step>/: written under a .tmp name and renamed when complete, so a crash never
+    leaves a half-written checkpoint; then all but the keep_last newest are removed."""
+    path = os.path.join(out_dir, f"ckpt-{state['iter']:07d}")
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(raw_model, tmp, {"train": config})
+    tokenizer.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump({**state, "rng": torch.get_rng_state().tolist()}, f)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    for old in checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(old)
+    return path
+
+
+# training loop -----------------------------------------------------------------
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    if wandb_log:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+model.train()
+if not any(p.requires_grad for p in raw_model.vision_tower.parameters()):
+    raw_model.vision_tower.eval()  # a frozen tower runs as at inference (no dropout)
+batches = train_batches()
+t_start = time.time()
+t_log, tokens, supervised, ckpt_path = t_start, 0, 0, None
+start_iter = state["iter"]
+while state["iter"] < max_iters:
+    it = state["iter"]
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * get_lr(it)
+    loss_sum = 0.0
+    for micro in range(accum):
+        batch = to_device(next(batches))
+        if ddp:
+            model.require_backward_grad_sync = micro == accum - 1  # all-reduce once per step
+        with autocast:
+            loss = model(batch) / accum
+        loss.backward()
+        loss_sum += loss.item()
+        tokens += int(batch["attention_mask"].sum()) * world
+        supervised += int((batch["labels"] != -100).sum()) * world
+    if not math.isfinite(loss_sum):
+        raise FloatingPointError(f"step {it}: loss is {loss_sum}; stopping before the weights are damaged")
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state["iter"] += 1
+    state["epoch_step"] += 1
+    if state["iter"] % log_interval == 0 or state["iter"] == max_iters:
+        now = time.time()
+        elapsed, rate = now - t_start, (state["iter"] - start_iter) / (now - t_start)
+        log(f"step {state['iter']}/{max_iters} | loss {loss_sum:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
+            f"grad {grad_norm:.2f} | {tokens / (now - t_log):.0f} tok/s ({supervised / (now - t_log):.0f} trained) | "
+            f"{elapsed / 60:.1f} min, ETA {(max_iters - state['iter']) / rate / 60:.1f} min")
+        if wandb_log and master:
+            wandb.log({"train/loss": loss_sum, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                       "tokens_per_s": tokens / (now - t_log)}, step=state["iter"])
+        t_log, tokens, supervised = now, 0, 0
+    if state["iter"] % eval_interval == 0 or state["iter"] == max_iters:
+        if val_data is not None:
+            val, shuffled = estimate_val_loss()
+            log(f"step {state['iter']}: val loss {val:.4f}, with shuffled images {shuffled:.4f} (gap {shuffled - val:+.4f})")
+            if wandb_log and master:
+                wandb.log({"val/loss": val, "val/loss_shuffled_images": shuffled}, step=state["iter"])
+        if master:
+            ckpt_path = save_checkpoint()
+        t_log = time.time()  # evaluation is not training time
+
+log(f"trained {max_iters - start_iter} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint: {ckpt_path}")
+if master and eval_data_path and ckpt_path:
+    from eval import evaluate, print_table
+    results = evaluate(raw_model, tokenizer, eval_data_path, eval_image_folder, version, image_aspect_ratio)
+    print_table(results)
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    log(f"wrote {os.path.join(out_dir, 'eval.json')}")
+if ddp:
+    dist.destroy_process_group()
