@@ -308,6 +308,10 @@ while state["iter"] < max_iters:
     state["iter"] += 1
     state["epoch_step"] += 1
     if state["iter"] % log_interval == 0 or state["iter"] == max_iters:
+        if ddp:  # the mean over ranks: the loss of the global batch
+            loss_sum = torch.tensor(loss_sum, device=device)
+            dist.all_reduce(loss_sum)
+            loss_sum = loss_sum.item() / world
         now = time.time()
         elapsed, rate = now - t_start, (state["iter"] - start_iter) / (now - t_start)
         log(f"step {state['iter']}/{max_iters} | loss {loss_sum:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
