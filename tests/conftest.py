@@ -1,0 +1,94 @@
+"""
+Shared fixtures: the shapes dataset (built once per session by data/shapes/prepare.py, with its real
+byte-level BPE tokenizer), tiny model configs, and a helper that runs train.py as a subprocess.
+
+Everything is CPU-only and offline: the environment is set here, before torch or transformers load.
+"""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2-core CI machines: no oversubscription, and subprocesses inherit it
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU only, also in the train.py subprocesses
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Tiny towers: a 32-pixel CLIP with 8-pixel patches (16 image tokens) and a 2-layer Llama.
+TINY_TOWER = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=32, patch_size=8)
+TINY_LLM = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+
+STEP_LINE = re.compile(r"^step (\d+)/(\d+) \| loss ([-\d.naninf]+) \| lr (\S+) \| grad (\S+) \|", re.M)
+VAL_LINE = re.compile(r"^step (\d+): val loss (\S+), with shuffled images (\S+)", re.M)
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """The shapes dataset with 96 train and 16 val images: train.json, val.json, captions.json,
+    val_questions.json, images/ and tokenizer/ (a real byte-level BPE trained on the train text)."""
+    out = tmp_path_factory.mktemp("shapes")
+    subprocess.run([sys.executable, "data/shapes/prepare.py", "--out", str(out), "--train", "96", "--val", "16"],
+                   cwd=REPO, check=True, capture_output=True, text=True, timeout=300)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(shapes):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(shapes / "tokenizer"))
+
+
+def train_args(shapes, out_dir, **overrides):
+    """train.py's command-line arguments for the tiny model on the shapes fixture, then overrides."""
+    args = dict(vision_tower=TINY_TOWER, model_name_or_path=TINY_LLM, tokenizer_name_or_path=shapes / "tokenizer",
+                data_path=shapes / "train.json", image_folder=shapes, val_data_path=shapes / "val.json",
+                val_image_folder=shapes, eval_data_path=shapes / "val_questions.json", eval_image_folder=shapes,
+                out_dir=out_dir, batch_size=8, max_iters=6, eval_interval=1000, eval_iters=2, log_interval=1,
+                warmup_iters=1)
+    args.update(overrides)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+class Run:
+    """A finished train.py run: its output, and the numbers of its log lines by step."""
+
+    def __init__(self, proc, out_dir):
+        self.stdout, self.stderr, self.out_dir = proc.stdout, proc.stderr, Path(out_dir)
+        self.steps = {int(m[1]): dict(loss=float(m[3]), lr=float(m[4]), grad=float(m[5]))
+                      for m in STEP_LINE.finditer(proc.stdout)}
+        self.val = {int(m[1]): (float(m[2]), float(m[3])) for m in VAL_LINE.finditer(proc.stdout)}
+
+    def losses(self):
+        return {s: v["loss"] for s, v in sorted(self.steps.items())}
+
+
+def run_script(cmd, timeout=600, check=True):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # 2 processes on 2 cores
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))}\nexit code {proc.returncode}\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def train(shapes):
+    """train(out_dir, nproc=1, **overrides) -> Run: train.py on the tiny model and the shapes fixture,
+    in one process, or under torchrun with nproc gloo processes."""
+    def _train(out_dir, nproc=1, **overrides):
+        launcher = [sys.executable] if nproc == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        proc = run_script(launcher + ["train.py"] + train_args(shapes, out_dir, **overrides))
+        return Run(proc, out_dir)
+    return _train

@@ -1,0 +1,104 @@
+"""configurator.py: config files, then --key=value overrides, checked against the defaults' types."""
+import pytest
+
+from configurator import configure
+
+
+def defaults():
+    return dict(out_dir="out", learning_rate=1e-3, max_iters=100, compile=False, mm_projector_lr=None,
+                vision_tower=dict(model_type="clip_vision_model"), betas=(0.9, 0.95))
+
+
+def test_config_file_is_executed(tmp_path):
+    f = tmp_path / "stage.py"
+    f.write_text("import math\n_helper = 3\nmax_iters = 2 * 7\nlearning_rate = math.sqrt(4) * 1e-4\n"
+                 "out_dir = 'out-' + str(_helper)\n")
+    c = configure(defaults(), [str(f)])
+    assert c["max_iters"] == 14
+    assert c["learning_rate"] == pytest.approx(2e-4)
+    assert c["out_dir"] == "out-3"
+    assert "_helper" not in c and "math" not in c
+
+
+def test_config_file_then_overrides_in_order(tmp_path):
+    f = tmp_path / "a.py"
+    f.write_text("max_iters = 5\nout_dir = 'from-file'\n")
+    c = configure(defaults(), [str(f), "--max_iters=9"])
+    assert (c["max_iters"], c["out_dir"]) == (9, "from-file")
+    c = configure(defaults(), ["--max_iters=9", str(f)])
+    assert c["max_iters"] == 5
+
+
+def test_unknown_key_in_config_file_names_file_and_closest_key(tmp_path):
+    f = tmp_path / "bad.py"
+    f.write_text("max_iter = 5\n")
+    with pytest.raises(KeyError) as e:
+        configure(defaults(), [str(f)])
+    assert str(f) in str(e.value) and "'max_iters'" in str(e.value)
+
+
+@pytest.mark.parametrize("arg, key, value", [
+    ("--max_iters=7", "max_iters", 7),
+    ("--learning_rate=3e-4", "learning_rate", 3e-4),
+    ("--compile=True", "compile", True),
+    ("--out_dir=runs/a b", "out_dir", "runs/a b"),  # not a literal: the plain string
+    ("--out_dir='quoted'", "out_dir", "quoted"),
+    ("--out_dir=", "out_dir", ""),
+    ("--vision_tower={'model_type': 'siglip_vision_model', 'image_size': 32}", "vision_tower",
+     {"model_type": "siglip_vision_model", "image_size": 32}),
+    ("--betas=(0.8, 0.9)", "betas", (0.8, 0.9)),
+])
+def test_override_literal_parsing(arg, key, value):
+    c = configure(defaults(), [arg])
+    assert c[key] == value and type(c[key]) is type(value)
+
+
+def test_unknown_key_names_the_closest_key():
+    with pytest.raises(KeyError) as e:
+        configure(defaults(), ["--learning_rat=0.1"])
+    assert "'learning_rat'" in str(e.value) and "'learning_rate'" in str(e.value)
+
+
+def test_unknown_key_without_close_match():
+    with pytest.raises(KeyError, match="zzzz"):
+        configure(defaults(), ["--zzzz=1"])
+
+
+def test_override_without_value_is_an_error():
+    with pytest.raises(ValueError, match="--key=value"):
+        configure(defaults(), ["--max_iters"])
+
+
+def test_none_default_takes_any_value():
+    assert configure(defaults(), ["--mm_projector_lr=2e-5"])["mm_projector_lr"] == 2e-5
+    assert configure(defaults(), ["--mm_projector_lr=abc"])["mm_projector_lr"] == "abc"
+
+
+def test_value_can_be_set_back_to_none():
+    assert configure(defaults(), ["--learning_rate=None"])["learning_rate"] is None
+
+
+def test_int_is_accepted_for_a_float_default():
+    c = configure(defaults(), ["--learning_rate=1"])
+    assert c["learning_rate"] == 1.0 and type(c["learning_rate"]) is float
+
+
+@pytest.mark.parametrize("arg", ["--max_iters=1.5", "--max_iters=abc", "--learning_rate=fast", "--compile=1",
+                                 "--max_iters=True", "--vision_tower=[1, 2]"])
+def test_type_mismatch_is_an_error(arg):
+    with pytest.raises(TypeError) as e:
+        configure(defaults(), [arg])
+    assert arg[2:].split("=")[0] in str(e.value)
+
+
+def test_str_default_keeps_digits_as_a_string():
+    c = configure(defaults(), ["--out_dir=123"])
+    assert c["out_dir"] == "123" and type(c["out_dir"]) is str
+    assert configure(defaults(), ["--out_dir=1e-3"])["out_dir"] == "1e-3"  # not 0.001
+
+
+def test_path_and_config_dict_stand_in_for_each_other():
+    assert configure(defaults(), ["--vision_tower=openai/clip-vit-large-patch14"])["vision_tower"] == \
+        "openai/clip-vit-large-patch14"
+    c = configure(dict(model="path"), ["--model={'model_type': 'llama'}"])
+    assert c["model"] == {"model_type": "llama"}

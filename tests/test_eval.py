@@ -1,0 +1,28 @@
+"""eval.py: the answer matching behind the accuracies (exact match, Acc@0.5 for boxes)."""
+import pytest
+
+from eval import iou, is_correct
+
+
+def test_iou():
+    assert iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+    assert iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0
+    assert iou([0, 0, 0, 0], [0, 0, 0, 0]) == 0.0
+
+
+@pytest.mark.parametrize("prediction, answer, right", [
+    ("red", "red", True),
+    ("Red.", "red", True),
+    (" two ", "two", True),
+    ("red circle", "red", False),
+    ("", "red", False),
+    ("[100, 100, 300, 300]", "[100, 100, 300, 300]", True),
+    ("It is at [120, 100, 300, 320].", "[100, 100, 300, 300]", True),  # IoU 0.79
+    ("[100, 100, 200, 300]", "[100, 100, 300, 300]", True),  # IoU 0.5 exactly
+    ("[100, 100, 199, 300]", "[100, 100, 300, 300]", False),  # just under 0.5
+    ("[500, 500, 700, 700]", "[100, 100, 300, 300]", False),
+    ("somewhere on the left", "[100, 100, 300, 300]", False),
+])
+def test_is_correct(prediction, answer, right):
+    assert is_correct(prediction, answer) is right

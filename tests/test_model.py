@@ -1,0 +1,328 @@
+"""model.py: towers, projectors, the loss against a full-logits reference, image placement, generation
+with and without a KV cache, embedding resizing, save/load."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_LLM, TINY_TOWER
+from transformers import AutoModelForCausalLM, CLIPConfig, CLIPModel
+
+from conversation import tokenize
+from data import SupervisedDataset, collate
+from model import VLM, VisionTower, build_projector, hf_config, load, resize_embeddings, save
+
+SIGLIP = dict(TINY_TOWER, model_type="siglip_vision_model")
+
+
+def make_model(tokenizer, seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = dict(vision_tower=TINY_TOWER, model_name_or_path=TINY_LLM, mm_vision_select_layer=-1,
+                  mm_vision_select_feature="patch", mm_projector_type="mlp2x_gelu",
+                  image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vocab_size=len(tokenizer))
+    config.update(overrides)
+    return VLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return make_model(tokenizer)
+
+
+def get_batch(shapes, tokenizer, model, n=4, start=0):
+    t = model.vision_tower
+    d = SupervisedDataset(str(shapes / "train.json"), str(shapes), tokenizer, "vicuna_v1", model.num_image_tokens,
+                          t.image_size, t.image_mean, t.image_std)
+    return collate([d[i] for i in range(start, start + n)], tokenizer.pad_token_id)
+
+
+# towers and projectors ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, has_cls, feature", [
+    (TINY_TOWER, True, "patch"), (TINY_TOWER, True, "cls_patch"), (SIGLIP, False, "patch"),
+    (SIGLIP, False, "cls_patch")])  # no CLS to keep: the patches
+@pytest.mark.parametrize("layer", [-1, -2])
+def test_tower_gives_num_tokens_features(spec, has_cls, feature, layer):
+    torch.manual_seed(0)
+    tower = VisionTower(spec, layer, feature).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = tower(x)
+    assert tower.num_patches == 16
+    assert out.shape == (2, tower.num_tokens, 32)
+    hidden = tower.encoder(pixel_values=x, output_hidden_states=True).hidden_states[layer]
+    expected = hidden[:, 1:] if has_cls and feature == "patch" else hidden
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_tower_token_counts():
+    assert VisionTower(TINY_TOWER, -2, "patch").num_tokens == 16
+    assert VisionTower(TINY_TOWER, -2, "cls_patch").num_tokens == 17
+    assert VisionTower(SIGLIP, -2, "patch").num_tokens == 16
+    assert VisionTower(SIGLIP, -2, "cls_patch").num_tokens == 16  # SigLIP has no CLS token
+    with pytest.raises(ValueError, match="select_feature"):
+        VisionTower(TINY_TOWER, -2, "cls")
+
+
+def test_tower_normalization_defaults_and_overrides():
+    clip = VisionTower(TINY_TOWER)
+    assert clip.image_mean == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    assert VisionTower(SIGLIP).image_std == [0.5, 0.5, 0.5]
+    assert VisionTower({**TINY_TOWER, "image_mean": [0.1, 0.2, 0.3]}).image_mean == [0.1, 0.2, 0.3]
+    # spec() rebuilds the same architecture
+    again = VisionTower(clip.spec())
+    assert [p.shape for p in again.parameters()] == [p.shape for p in clip.parameters()]
+    assert again.image_mean == clip.image_mean
+
+
+@pytest.mark.parametrize("kind, n_linear", [("linear", 1), ("mlp2x_gelu", 2), ("mlp3x_gelu", 3)])
+def test_projector_types(kind, n_linear):
+    p = build_projector(kind, 12, 20)
+    linears = [m for m in p.modules() if isinstance(m, torch.nn.Linear)]
+    gelus = [m for m in p.modules() if isinstance(m, torch.nn.GELU)]
+    assert len(linears) == n_linear and len(gelus) == n_linear - 1
+    assert (linears[0].in_features, linears[-1].out_features) == (12, 20)
+    x = torch.randn(3, 5, 12)
+    ref = x
+    for i, lin in enumerate(linears):
+        ref = lin(ref) if i == 0 else lin(F.gelu(ref))
+    torch.testing.assert_close(p(x), ref)
+    with pytest.raises(ValueError, match="mm_projector_type"):
+        build_projector("mlp2x_relu", 12, 20)
+
+
+# the loss and image placement --------------------------------------------------------------------------
+
+def manual_embed(model, input_ids, pixel_values):
+    """Independent reference: image i's projected features, in order, at the image tokens of its row."""
+    emb = model.llm.get_input_embeddings()(input_ids).clone()
+    feats = model.mm_projector(model.vision_tower(pixel_values))
+    k = 0
+    for b in range(len(input_ids)):
+        pos = (input_ids[b] == model.image_token_id).nonzero().flatten()
+        for start in range(0, len(pos), model.num_image_tokens):
+            block = pos[start:start + model.num_image_tokens]
+            assert block.tolist() == list(range(block[0], block[0] + model.num_image_tokens))  # contiguous
+            emb[b, block] = feats[k]
+            k += 1
+    assert k == len(pixel_values)
+    return emb
+
+
+def reference_loss(model, batch):
+    emb = manual_embed(model, batch["input_ids"], batch["pixel_values"])
+    logits = model.llm(inputs_embeds=emb, attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
+@pytest.mark.parametrize("projector", ["linear", "mlp2x_gelu"])
+@pytest.mark.parametrize("feature", ["patch", "cls_patch"])
+def test_loss_equals_full_logits_reference(shapes, tokenizer, projector, feature):
+    model = make_model(tokenizer, seed=1, mm_projector_type=projector, mm_vision_select_feature=feature)
+    batch = get_batch(shapes, tokenizer, model, n=4)
+    assert (batch["attention_mask"] == 0).any()  # right padding is exercised
+    with torch.no_grad():
+        loss = model(batch)
+        ref = reference_loss(model, batch)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, ref, rtol=0, atol=1e-5)
+
+
+def test_embed_writes_features_at_image_positions(shapes, tokenizer, model):
+    batch = get_batch(shapes, tokenizer, model, n=3)
+    with torch.no_grad():
+        emb = model.embed(batch["input_ids"], batch["pixel_values"])
+        ref = manual_embed(model, batch["input_ids"], batch["pixel_values"])
+        text = model.llm.get_input_embeddings()(batch["input_ids"])
+    torch.testing.assert_close(emb, ref, rtol=0, atol=0)
+    is_image = batch["input_ids"] == model.image_token_id
+    assert torch.equal(emb[~is_image], text[~is_image])
+    assert not torch.allclose(emb[is_image], text[is_image])
+
+
+def test_pixels_change_the_loss_and_gradients_reach_the_tower(shapes, tokenizer):
+    model = make_model(tokenizer, seed=2).train()
+    model.vision_tower.freeze_unused()  # the post-layernorm cannot reach hidden_states[-1]
+    assert sum(p.requires_grad for p in model.vision_tower.parameters()) > 10
+    assert not model.vision_tower.encoder.post_layernorm.weight.requires_grad
+    batch = get_batch(shapes, tokenizer, model, n=2)
+    loss = model(batch)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision_tower.parameters() if p.requires_grad)
+    assert all(p.grad is not None for p in model.mm_projector.parameters())
+    with torch.no_grad():
+        swapped = model({**batch, "pixel_values": batch["pixel_values"].flip(0)})
+        noise = model({**batch, "pixel_values": torch.randn_like(batch["pixel_values"])})
+    assert abs(swapped.item() - loss.item()) > 1e-6 and abs(noise.item() - loss.item()) > 1e-6
+
+
+def test_image_token_count_mismatch_raises(shapes, tokenizer, model):
+    batch = get_batch(shapes, tokenizer, model, n=2)
+    with pytest.raises(ValueError, match="image tokens"):
+        model({**batch, "pixel_values": batch["pixel_values"][:1]})
+    with pytest.raises(ValueError, match="image tokens"):
+        model({**batch, "pixel_values": torch.cat([batch["pixel_values"]] * 2)})
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model({**batch, "pixel_values": batch["pixel_values"][:0]})
+    ids = batch["input_ids"].clone()
+    ids[0, (ids[0] == model.image_token_id).nonzero()[0]] = 5  # one image token fewer
+    with pytest.raises(ValueError, match="image tokens"):
+        model({**batch, "input_ids": ids})
+
+
+# generation --------------------------------------------------------------------------------------------
+
+def prompts(shapes, tokenizer, model, n):
+    qs = json.loads((shapes / "val_questions.json").read_text())[:n]
+    ids = [tokenize("vicuna_v1", [{"from": "human", "value": "<image>\n" + q["question"]}], tokenizer,
+                    model.num_image_tokens)[0] for q in qs]
+    from data import load_image
+    t = model.vision_tower
+    pixels = torch.stack([load_image(str(shapes / q["image"]), "pad", t.image_size, t.image_mean, t.image_std) for q in qs])
+    return ids, pixels
+
+
+def greedy_without_cache(model, ids, pixels, n):
+    """Recompute the whole sequence for every new token: no KV cache, no padding."""
+    emb = model.embed(torch.tensor([ids]), pixels[None])
+    out = []
+    for _ in range(n):
+        tok = model.llm(inputs_embeds=emb).logits[0, -1].argmax()
+        out.append(int(tok))
+        emb = torch.cat([emb, model.llm.get_input_embeddings()(tok.view(1, 1))], 1)
+    return out
+
+
+TINY_GPT2 = dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=512, initializer_range=0.3)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def gen_model(tokenizer, request):
+    """Llama (rotary positions, which a constant shift leaves unchanged) and GPT-2 (absolute positions,
+    so the position ids of left-padded rows must be right). A larger init than the default 0.02 makes
+    the logits of a random model depend on the context, so position or cache mistakes change the tokens."""
+    llm = {"llama": {**TINY_LLM, "initializer_range": 0.3}, "gpt2": TINY_GPT2}[request.param]
+    return make_model(tokenizer, seed=3, model_name_or_path=llm)
+
+
+@torch.no_grad()
+def test_generate_with_cache_equals_recomputation(shapes, tokenizer, gen_model):
+    ids, pixels = prompts(shapes, tokenizer, gen_model, 2)
+    for p, px in zip(ids, pixels):
+        got = gen_model.generate(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), px[None],
+                                 max_new_tokens=12)[0].tolist()
+        ref = greedy_without_cache(gen_model, p, px, 12)
+        assert got == ref
+        assert len(set(ref)) > 2  # not a degenerate repetition that any position error would also produce
+
+
+@torch.no_grad()
+def test_left_padded_batch_equals_rows(shapes, tokenizer, gen_model):
+    ids, pixels = prompts(shapes, tokenizer, gen_model, 6)
+    assert len({len(p) for p in ids}) > 1  # prompts of different lengths
+    T = max(map(len, ids))
+    input_ids = torch.full((len(ids), T), tokenizer.pad_token_id)
+    mask = torch.zeros_like(input_ids)
+    for i, p in enumerate(ids):
+        input_ids[i, T - len(p):], mask[i, T - len(p):] = torch.tensor(p), 1
+    batched = gen_model.generate(input_ids, mask, pixels, max_new_tokens=10)
+    for i, (p, px) in enumerate(zip(ids, pixels)):
+        row = gen_model.generate(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), px[None], max_new_tokens=10)
+        assert batched[i].tolist() == row[0].tolist(), i
+
+
+@torch.no_grad()
+def test_generate_stops_and_repeats_the_stop_token(shapes, tokenizer, gen_model):
+    ids, pixels = prompts(shapes, tokenizer, gen_model, 3)
+    p = ids[0]
+    free = gen_model.generate(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), pixels[:1], max_new_tokens=8)[0]
+    stop = int(free[2])
+    first = free.tolist().index(stop)
+    out = gen_model.generate(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), pixels[:1], max_new_tokens=8,
+                             stop_token_ids={stop})[0]
+    assert out.tolist() == free[:first + 1].tolist()  # a single row stops right after its stop token
+
+
+def test_sampling_is_reproducible_with_a_generator(shapes, tokenizer, gen_model):
+    ids, pixels = prompts(shapes, tokenizer, gen_model, 1)
+    args = (torch.tensor(ids), torch.ones(1, len(ids[0]), dtype=torch.long), pixels, 8, 1.0, 0.9, ())
+    a = gen_model.generate(*args, generator=torch.Generator().manual_seed(0))
+    b = gen_model.generate(*args, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+
+
+# embeddings, save and load -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_resize_embeddings_sets_new_rows_to_the_mean(tied):
+    torch.manual_seed(0)
+    llm = AutoModelForCausalLM.from_config(hf_config({**TINY_LLM, "vocab_size": 50, "tie_word_embeddings": tied}))
+    old_in = llm.get_input_embeddings().weight.detach().clone()
+    old_out = llm.get_output_embeddings().weight.detach().clone()
+    resize_embeddings(llm, 56)
+    new_in, new_out = llm.get_input_embeddings().weight, llm.get_output_embeddings().weight
+    assert new_in.shape == new_out.shape == (56, 32) and llm.config.vocab_size == 56
+    assert torch.equal(new_in[:50], old_in) and torch.equal(new_out[:50], old_out)
+    torch.testing.assert_close(new_in[50:], old_in.mean(0).expand(6, -1), rtol=0, atol=1e-7)
+    torch.testing.assert_close(new_out[50:], old_out.mean(0).expand(6, -1), rtol=0, atol=1e-7)
+    assert (new_in.data_ptr() == new_out.data_ptr()) == tied
+    resize_embeddings(llm, 40)  # never shrinks
+    assert llm.get_input_embeddings().weight.shape == (56, 32)
+
+
+def test_save_load_round_trip(shapes, tokenizer, tmp_path):
+    model = make_model(tokenizer, seed=4, mm_projector_type="linear", mm_vision_select_feature="cls_patch")
+    batch = get_batch(shapes, tokenizer, model, n=3)
+    save(model, tmp_path / "ckpt", {"train": {"version": "vicuna_v1"}})
+    torch.manual_seed(123)  # a different random init before the weights are loaded
+    loaded, config = load(tmp_path / "ckpt")
+    assert config["train"] == {"version": "vicuna_v1"}
+    assert loaded.num_image_tokens == 17 and loaded.config["mm_projector_type"] == "linear"
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert torch.equal(model(batch), loaded.eval()(batch))
+    assert loaded.llm.get_input_embeddings().weight.data_ptr() == loaded.llm.get_output_embeddings().weight.data_ptr()
+
+
+def test_load_errors_are_clear(tokenizer, tmp_path):
+    model = make_model(tokenizer)
+    with pytest.raises(FileNotFoundError, match="missing config.json"):
+        load(tmp_path / "nothing")
+    save(model, tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut short
+    with pytest.raises(RuntimeError) as e:
+        load(tmp_path / "ckpt")
+    assert str(weights) in str(e.value) and "cannot load" in str(e.value)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
+        load(tmp_path / "ckpt")
+    other = make_model(tokenizer, model_name_or_path={**TINY_LLM, "num_hidden_layers": 1})
+    save(other, tmp_path / "other")
+    (tmp_path / "other" / "model.safetensors").replace(tmp_path / "ckpt" / "model.safetensors")
+    with pytest.raises(RuntimeError, match="cannot load"):  # weights of another architecture
+        load(tmp_path / "ckpt")
+
+
+def test_vision_tower_from_a_saved_clip_folder(tmp_path):
+    vision = {k: v for k, v in TINY_TOWER.items() if k != "model_type"}
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99,
+                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.1, 0.2, 0.3],
+                                                                             "image_std": [0.4, 0.5, 0.6]}))
+    torch.manual_seed(1)
+    tower = VisionTower(str(tmp_path / "clip"), -2, "patch").eval()
+    assert type(tower.encoder).__name__ == "CLIPVisionModel"
+    ref = {k.removeprefix("vision_model."): v for k, v in clip.vision_model.state_dict().items()}
+    got = {k.removeprefix("vision_model."): v for k, v in tower.encoder.state_dict().items()}
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert not any("text" in k for k in tower.state_dict())
+    assert (tower.image_mean, tower.image_std) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = clip.vision_model(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
+        torch.testing.assert_close(tower(x), expected, rtol=0, atol=0)

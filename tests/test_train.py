@@ -1,0 +1,152 @@
+"""train.py end to end (subprocesses on the tiny model and the shapes fixture): training, checkpoints,
+exact resume, stages, eval.json, and sample.py / eval.py on the result."""
+import json
+import math
+import shutil
+import sys
+
+import pytest
+from conftest import run_script
+from safetensors.torch import load_file
+
+
+def tensors(ckpt):
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def part(weights, prefix):
+    return {k: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def run_a(train, tmp_path_factory):
+    """6 steps, a val loss and a checkpoint every 3 steps, both checkpoints kept."""
+    return train(tmp_path_factory.mktemp("run_a"), max_iters=6, eval_interval=3, keep_last=2, eval_data_path="")
+
+
+@pytest.fixture(scope="module")
+def trained(train, tmp_path_factory):
+    """150 steps at a high learning rate (the tiny model then answers from the question type), with the
+    default keep_last=1 and the eval at the end."""
+    return train(tmp_path_factory.mktemp("trained"), max_iters=150, eval_interval=50, warmup_iters=3,
+                 learning_rate=1e-2)
+
+
+def test_loss_decreases(trained):
+    losses = trained.losses()
+    assert sorted(losses) == list(range(1, 151)) and all(math.isfinite(v) for v in losses.values())
+    first, mid, last = ([losses[s] for s in range(a, a + 5)] for a in (1, 26, 146))
+    # a random init starts near ln(vocab); in 30 steps the loss is down by more than 1 (to about 4.6 here),
+    # and after 150 (12.5 epochs of 96 records) to about 1.1
+    assert first[0] == pytest.approx(math.log(452), abs=0.5)
+    assert all(a > b for a, b in zip(first, first[1:]))  # the first steps go steadily down
+    assert sum(mid) / 5 < sum(first) / 5 - 1.0, losses
+    assert sum(last) / 5 < sum(first) / 5 / 3, losses
+    assert sorted(trained.val) == [50, 100, 150] and trained.val[150][0] < trained.val[50][0] < first[0]
+
+
+def test_checkpoints_are_complete(run_a, shapes, tokenizer):
+    names = sorted(p.name for p in run_a.out_dir.iterdir())
+    assert names == ["ckpt-0000003", "ckpt-0000006"]  # no .tmp left behind, no eval.json (eval_data_path='')
+    for step in (3, 6):
+        ckpt = run_a.out_dir / f"ckpt-{step:07d}"
+        files = {p.name for p in ckpt.iterdir()}
+        assert {"config.json", "model.safetensors", "optimizer.pt", "state.json", "tokenizer_config.json"} <= files
+        assert "tokenizer.json" in files
+        state = json.loads((ckpt / "state.json").read_text())
+        assert (state["iter"], state["epoch"], state["epoch_step"]) == (step, 0, step)
+        config = json.loads((ckpt / "config.json").read_text())
+        assert config["train"]["max_iters"] == 6 and config["train"]["batch_size"] == 8
+        assert config["model"]["vocab_size"] == len(tokenizer)
+        from transformers import AutoTokenizer
+        saved = AutoTokenizer.from_pretrained(str(ckpt))
+        assert saved.get_vocab() == tokenizer.get_vocab()
+    assert run_a.stdout.count("val loss") == 2
+
+
+def test_keep_last_prunes_old_checkpoints(trained):
+    assert sorted(p.name for p in trained.out_dir.iterdir()) == ["ckpt-0000150", "eval.json"]
+
+
+def test_checkpoint_loads_and_evaluates_the_same(trained, shapes):
+    results = json.loads((trained.out_dir / "eval.json").read_text())
+    questions = json.loads((shapes / "val_questions.json").read_text())
+    types = {q["type"] for q in questions}
+    assert set(results) == types | {"n_questions"}
+    assert results["n_questions"] == {t: sum(q["type"] == t for q in questions) for t in types}
+    assert all(0.0 <= results[t] <= 1.0 for t in types)
+    assert max(results[t] for t in types) > 0  # the trained model gets some answers right
+    assert "question type" in trained.stdout
+    # eval.py on the saved checkpoint gives what train.py measured on the model in memory
+    (trained.out_dir / "eval.json").rename(trained.out_dir / "eval_train.json")
+    try:
+        run_script([sys.executable, "eval.py", f"--out_dir={trained.out_dir}", f"--eval_data_path={shapes / 'val_questions.json'}",
+                    f"--eval_image_folder={shapes}"])
+        assert json.loads((trained.out_dir / "eval.json").read_text()) == results
+    finally:
+        (trained.out_dir / "eval_train.json").replace(trained.out_dir / "eval.json")
+
+
+def test_exact_resume(run_a, train, tmp_path):
+    """Steps 4-6 of a run resumed from its step-3 checkpoint are those of the uninterrupted run: weights,
+    optimizer state, data position and schedule all come back. (The step-3 checkpoint of the 6-step
+    run is what a run that stopped after step 3 leaves: the lr schedule depends on max_iters, so a run
+    with --max_iters=3 would be a different run.)"""
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(run_a.out_dir / "ckpt-0000003", out / "ckpt-0000003")
+    resumed = train(out, max_iters=6, eval_interval=3, keep_last=2, eval_data_path="", init_from="resume")
+    assert "loading" in resumed.stdout and "ckpt-0000003" in resumed.stdout
+    assert sorted(resumed.steps) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed.steps[step] == run_a.steps[step], step  # loss, lr and grad norm as printed
+    assert resumed.val[6] == run_a.val[6]
+    # better than 4 decimals: the final weights are bit for bit the same
+    assert same(tensors(out / "ckpt-0000006"), tensors(run_a.out_dir / "ckpt-0000006"))
+    assert json.loads((out / "ckpt-0000006" / "state.json").read_text())["epoch_step"] == 6
+
+
+def test_resume_without_checkpoint_fails(shapes, tmp_path):
+    from conftest import train_args
+    proc = run_script([sys.executable, "train.py"] + train_args(shapes, tmp_path / "empty", init_from="resume"),
+                      check=False)
+    assert proc.returncode != 0 and "holds no checkpoint" in proc.stderr
+
+
+def test_projector_only_stage_trains_only_the_projector(run_a, train, shapes, tmp_path):
+    """LLaVA stage 1 (tune_mm_mlp_adapter=True, plain template, captions) from the step-3 checkpoint."""
+    start = run_a.out_dir / "ckpt-0000003"
+    run = train(tmp_path / "stage1", init_from=str(start), tune_mm_mlp_adapter=True, version="plain",
+                data_path=shapes / "captions.json", val_data_path="", eval_data_path="", max_iters=3)
+    assert sorted(run.steps) == [1, 2, 3]
+    before, after = tensors(start), tensors(tmp_path / "stage1" / "ckpt-0000003")
+    assert before.keys() == after.keys()
+    assert same(part(before, "llm."), part(after, "llm.")) and part(before, "llm.")
+    assert same(part(before, "vision_tower."), part(after, "vision_tower.")) and part(before, "vision_tower.")
+    proj_before, proj_after = part(before, "mm_projector."), part(after, "mm_projector.")
+    assert proj_before and all(not proj_before[k].equal(proj_after[k]) for k in proj_before)
+    # the control: the default stage does train the LLM and the tower
+    final = tensors(run_a.out_dir / "ckpt-0000006")
+    assert not same(part(before, "llm."), part(final, "llm."))
+    assert not same(part(before, "vision_tower."), part(final, "vision_tower."))
+
+
+def test_sample_answers(trained, shapes):
+    proc = run_script([sys.executable, "sample.py", f"--out_dir={trained.out_dir}",
+                       f"--image={shapes / 'images' / 'val_000000.png'}", "--prompt=What color is the circle?",
+                       "--max_new_tokens=16"])
+    lines = proc.stdout.strip().splitlines()
+    assert lines and lines[-1].strip(), proc.stdout
+
+
+def test_wrong_config_key_fails_with_a_suggestion(shapes, tmp_path):
+    from conftest import train_args
+    proc = run_script([sys.executable, "train.py"] + train_args(shapes, tmp_path / "x") + ["--learning_rat=0.1"],
+                      check=False)
+    assert proc.returncode != 0
+    assert "learning_rat" in proc.stderr and "did you mean 'learning_rate'" in proc.stderr
+    assert not (tmp_path / "x").exists()
