@@ -12,6 +12,8 @@ whole text for such tokenizers.
 This file knows nothing about tensors: it returns lists of ints.
 """
 
+import functools
+
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
 
@@ -38,7 +40,7 @@ def move_image_first(value):
     """LLaVA's preprocessing: the <image> tag leaves its place and opens the message."""
     if IMAGE_TOKEN not in value:
         return value
-    return IMAGE_TOKEN + "\n" + value.replace(IMAGE_TOKEN, "").strip()
+    return (IMAGE_TOKEN + "\n" + value.replace(IMAGE_TOKEN, "").strip()).strip()
 
 
 def segments(template, messages):
@@ -83,6 +85,13 @@ def stop_string(template):
     return t["sep"] if t["style"] == "plain" else t["sep2"]
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def encode_text(tokenizer, vocab_size, text):
+    """Cached: system prompts and questions repeat across records. vocab_size is part of the key, so
+    adding tokens to the tokenizer starts afresh."""
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def encode(text, tokenizer, image_token_id, num_image_tokens):
     """Text -> ids, with each <image> expanded to num_image_tokens copies of image_token_id."""
     ids = []
@@ -90,11 +99,12 @@ def encode(text, tokenizer, image_token_id, num_image_tokens):
         if j > 0:
             ids += [image_token_id] * num_image_tokens
         if part:
-            ids += tokenizer(part, add_special_tokens=False)["input_ids"]
+            ids += encode_text(tokenizer, len(tokenizer), part)
     return ids
 
 
-def bos_ids(tokenizer):
+@functools.lru_cache(maxsize=64)
+def bos_ids(tokenizer, vocab_size):
     """[bos] if the tokenizer puts one in front of a text (Llama), else [] (GPT-2)."""
     bos = tokenizer.bos_token_id
     return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
@@ -103,7 +113,7 @@ def bos_ids(tokenizer):
 def tokenize(template, messages, tokenizer, num_image_tokens=1):
     """Messages -> (input_ids, labels): labels equal input_ids on the trained segments, -100 elsewhere."""
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    input_ids = bos_ids(tokenizer)
+    input_ids = list(bos_ids(tokenizer, len(tokenizer)))
     labels = [IGNORE_INDEX] * len(input_ids)
     for text, trained in segments(template, messages):
         ids = encode(text, tokenizer, image_token_id, num_image_tokens)

@@ -28,15 +28,22 @@ def split_paths(paths):
     return [p for p in (paths.split(",") if isinstance(paths, str) else paths) if p]
 
 
-def read_records(data_path, image_folder):
-    """-> [(record, image folder, 'file:index')] from one or more JSON (list) or JSONL files."""
-    paths, folders = split_paths(data_path), split_paths(image_folder) or [""]
-    if len(folders) == 1:
-        folders = folders * len(paths)
-    if len(folders) != len(paths):
-        raise ValueError(f"{len(paths)} data files but {len(folders)} image folders: give one folder per file, or one for all")
+def per_file(values, paths, what):
+    """One value for all files, or one per file."""
+    values = split_paths(values) or [""]
+    if len(values) == 1:
+        values = values * len(paths)
+    if len(values) != len(paths):
+        raise ValueError(f"{len(paths)} data files but {len(values)} {what}: give one per file, or one for all")
+    return values
+
+
+def read_records(data_path, image_folder, template):
+    """-> [(record, image folder, chat template, 'file:index')] from one or more JSON (list) or JSONL
+    files; each file has its own image folder and template (or one for all)."""
+    paths = split_paths(data_path)
     out = []
-    for path, folder in zip(paths, folders):
+    for path, folder, tpl in zip(paths, per_file(image_folder, paths, "image folders"), per_file(template, paths, "templates")):
         with open(path) as f:
             text = f.read()
         try:
@@ -45,7 +52,7 @@ def read_records(data_path, image_folder):
             raise ValueError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of records")
-        out += [(r, folder, f"{path}:{i}") for i, r in enumerate(records)]
+        out += [(r, folder, tpl, f"{path}:{i}") for i, r in enumerate(records)]
     return out
 
 
@@ -82,7 +89,7 @@ def truncate(ids, labels, max_len, image_token_id):
     n_image = ids.count(image_token_id)
     if len(ids) > max_len:
         cut = max_len
-        while cut > 0 and ids[cut] == image_token_id:  # the block would be cut: drop it whole
+        while cut > 0 and ids[cut - 1] == image_token_id and ids[cut] == image_token_id:  # drop a cut block whole
             cut -= 1
         ids, labels = ids[:cut], labels[:cut]
     if ids.count(image_token_id) != n_image or all(l == IGNORE_INDEX for l in labels):
@@ -124,11 +131,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
                  image_mean, image_std, image_aspect_ratio="pad", model_max_length=2048):
         self.image_args = (image_aspect_ratio, image_size, image_mean, image_std)
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.samples, self.skipped = [], {}
-        for record, folder, where in read_records(data_path, image_folder):
+        self.samples, self.skipped, self.file_sizes = [], {}, []  # file_sizes: records kept per data file
+        for record, folder, tpl, where in read_records(data_path, image_folder, template):
+            if where.endswith(":0"):  # the first record of the next file
+                self.file_sizes.append(0)
             image = validate(record, folder, where)
             try:
-                ids, labels = tokenize(template, record["conversations"], tokenizer, num_image_tokens)
+                ids, labels = tokenize(tpl, record["conversations"], tokenizer, num_image_tokens)
             except ValueError as e:
                 raise ValueError(f"{where} (id {record.get('id')!r}): {e}") from e
             kept = truncate(ids, labels, model_max_length, image_token_id)
@@ -136,6 +145,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 self.skipped[where] = f"longer than model_max_length={model_max_length} with nothing left to train"
                 continue
             self.samples.append((np.array(kept[0], np.int32), np.array(kept[1], np.int32), image))
+            self.file_sizes[-1] += 1
         if not self.samples:
             raise ValueError(f"{data_path}: no usable records")
 
@@ -165,11 +175,23 @@ def steps_per_epoch(n, global_batch):
     return n // global_batch  # the last incomplete global batch is dropped
 
 
-def rank_batches(n, micro_batch, accum, rank, world, seed, epoch, start_step=0):
+def epoch_order(sizes, seed, epoch, curriculum=False):
+    """The order of all records in an epoch: a seeded shuffle of everything, or with curriculum=True
+    the data files one after another, each shuffled (e.g. captions first, then instructions: LLaVA's
+    two stages in one run)."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    if not curriculum:
+        return torch.randperm(sum(sizes), generator=g).tolist()
+    starts = np.cumsum([0] + list(sizes))
+    return [int(starts[i]) + j for i, n in enumerate(sizes) for j in torch.randperm(n, generator=g).tolist()]
+
+
+def rank_batches(sizes, micro_batch, accum, rank, world, seed, epoch, start_step=0, curriculum=False):
     """The micro-batches (lists of indices) this rank runs in `epoch`, from optimizer step start_step on:
-    accum per step. Global batch s is permutation[s * B : (s + 1) * B] with B = micro_batch * accum * world;
-    its k-th micro-batch goes to rank k % world."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+    accum per step. Global batch s is order[s * B : (s + 1) * B] with B = micro_batch * accum * world;
+    its k-th micro-batch goes to rank k % world. sizes: the number of records of each data file."""
+    perm = epoch_order([sizes] if isinstance(sizes, int) else sizes, seed, epoch, curriculum)
+    n = len(perm)
     B = micro_batch * accum * world
     out = []
     for s in range(start_step, steps_per_epoch(n, B)):

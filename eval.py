@@ -71,7 +71,7 @@ if __name__ == "__main__":
         sys.exit(f"no checkpoint in {args['out_dir']}")
     model, config = load(ckpt, args["device"])
     results = evaluate(model, AutoTokenizer.from_pretrained(ckpt), args["eval_data_path"], args["eval_image_folder"],
-                       config["train"]["version"], config["train"]["image_aspect_ratio"])
+                       config["train"]["version"].split(",")[-1], config["train"]["image_aspect_ratio"])
     print_table(results)
     with open(os.path.join(os.path.dirname(ckpt), "eval.json"), "w") as f:
         json.dump(results, f, indent=1)

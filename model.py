@@ -42,9 +42,9 @@ def read_mean_std(path):
 
 
 class VisionTower(nn.Module):
-    """Any Hugging Face vision encoder with patch outputs, e.g. CLIP or SigLIP.
-    select_layer picks the hidden state (LLaVA uses -2, the penultimate layer); select_feature is
-    'patch' (drop the CLS token, if the tower has one) or 'cls_patch' (keep it)."""
+    """Any Hugging Face vision encoder with patch outputs: a ViT (CLIP, SigLIP) or a conv net (ConvNeXt,
+    ResNet), whose [C, h, w] feature map gives h*w tokens. select_layer picks the hidden state (LLaVA
+    uses -2, the penultimate layer); select_feature is 'patch' (drop a ViT's CLS token) or 'cls_patch'."""
 
     def __init__(self, spec, select_layer=-2, select_feature="patch"):
         super().__init__()
@@ -58,12 +58,13 @@ class VisionTower(nn.Module):
         c = self.encoder.config
         default_mean, default_std = DEFAULT_MEAN_STD.get(c.model_type, ([0.5] * 3, [0.5] * 3))
         self.image_mean, self.image_std = mean or default_mean, std or default_std
-        self.image_size, self.hidden_size = c.image_size, c.hidden_size
-        self.num_patches = (c.image_size // c.patch_size) ** 2
+        self.image_size = c.image_size
+        self.num_patches = (c.image_size // c.patch_size) ** 2 if hasattr(c, "patch_size") else None
         if select_feature not in ("patch", "cls_patch"):
             raise ValueError(f"mm_vision_select_feature={select_feature!r}: use 'patch' or 'cls_patch'")
         self.select_layer, self.select_feature = select_layer, select_feature
-        self.num_tokens = self.num_patches + (select_feature == "cls_patch")
+        with torch.no_grad():  # the token count and width, whatever the architecture
+            _, self.num_tokens, self.hidden_size = self(torch.zeros(1, 3, self.image_size, self.image_size)).shape
 
     def spec(self):
         """The config dict that rebuilds this tower (with random weights)."""
@@ -80,9 +81,10 @@ class VisionTower(nn.Module):
                 p.requires_grad_(False)
 
     def forward(self, pixel_values):
-        out = self.encoder(pixel_values=pixel_values, output_hidden_states=True)
-        h = out.hidden_states[self.select_layer]
-        n_extra = h.shape[1] - self.num_patches  # CLS (CLIP) or none (SigLIP)
+        h = self.encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states[self.select_layer]
+        if h.dim() == 4:  # a conv net's [N, C, h, w] map: each cell is a patch
+            return h.flatten(2).transpose(1, 2)
+        n_extra = h.shape[1] - self.num_patches  # CLS (CLIP, ViT) or none (SigLIP)
         return h[:, n_extra:] if self.select_feature == "patch" else h[:, max(n_extra - 1, 0):]
 
 
@@ -99,6 +101,19 @@ def build_projector(kind, d_in, d_out):
     return nn.Sequential(*layers)
 
 
+def merge_patches(feats, k):
+    """[N, h*w, C] -> [N, h*w/k^2, k^2*C]: each k x k block of neighbouring patches becomes one token
+    (pixel shuffle, as in Idefics3), so the LLM reads k^2 times fewer image tokens."""
+    if k == 1:
+        return feats
+    N, n, C = feats.shape
+    h = int(n ** 0.5)
+    if h * h != n or h % k:
+        raise ValueError(f"mm_patch_merge={k} needs a square grid of patches divisible by {k}, got {n} patches")
+    x = feats.reshape(N, h // k, k, h // k, k, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(N, (h // k) ** 2, k * k * C)
+
+
 def resize_embeddings(llm, vocab_size):
     """Grow the vocabulary to vocab_size; new rows start at the mean of the old ones (LLaVA's
     smart_tokenizer_and_embedding_resize), so a new token starts as an average word."""
@@ -113,7 +128,7 @@ def resize_embeddings(llm, vocab_size):
 
 class VLM(nn.Module):
     """config: vision_tower, model_name_or_path (each a path or a config dict), mm_vision_select_layer,
-    mm_vision_select_feature, mm_projector_type, image_token_id, vocab_size (of the tokenizer)."""
+    mm_vision_select_feature, mm_patch_merge, mm_projector_type, image_token_id, vocab_size (of the tokenizer)."""
 
     def __init__(self, config):
         super().__init__()
@@ -125,10 +140,11 @@ class VLM(nn.Module):
         else:
             self.llm = AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32)
         resize_embeddings(self.llm, config["vocab_size"])
-        self.mm_projector = build_projector(config["mm_projector_type"], self.vision_tower.hidden_size,
+        self.patch_merge = config.get("mm_patch_merge", 1)
+        self.mm_projector = build_projector(config["mm_projector_type"], self.vision_tower.hidden_size * self.patch_merge ** 2,
                                             self.llm.config.hidden_size)
         self.image_token_id = config["image_token_id"]
-        self.num_image_tokens = self.vision_tower.num_tokens
+        self.num_image_tokens = self.vision_tower.num_tokens // self.patch_merge ** 2
         # what rebuilds this model from scratch, before its weights are loaded
         self.config = {**config, "vision_tower": self.vision_tower.spec(), "model_name_or_path": self.llm.config.to_dict(),
                        "vocab_size": self.llm.get_input_embeddings().weight.shape[0]}
@@ -139,6 +155,7 @@ class VLM(nn.Module):
         trainable = any(p.requires_grad for p in tower.parameters())
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
             feats = tower(pixel_values.to(next(tower.parameters()).dtype))
+        feats = merge_patches(feats, self.patch_merge)
         return self.mm_projector(feats.to(next(self.mm_projector.parameters()).dtype))
 
     def embed(self, input_ids, pixel_values=None):

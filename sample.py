@@ -53,6 +53,6 @@ if __name__ == "__main__":
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     train = config["train"]
-    answer = ask(model, tokenizer, train["version"], image_args(model, train), [args["image"] or None], [args["prompt"]],
+    answer = ask(model, tokenizer, train["version"].split(",")[-1], image_args(model, train), [args["image"] or None], [args["prompt"]],
                  args["max_new_tokens"], args["temperature"], args["top_p"], torch.Generator(args["device"]).manual_seed(args["seed"]))
     print(answer[0])

@@ -30,9 +30,9 @@ from model import VLM, checkpoints, load, save
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "out-shapes"
-init_from = "scratch"  # 'scratch', 'resume' (latest checkpoint in out_dir), or a glimpse checkpoint folder
-eval_interval = 500  # optimizer steps between val losses and checkpoints
-log_interval = 25
+init_from = "scratch"  # 'scratch', 'resume' (newest checkpoint in out_dir), or a glimpse checkpoint / out_dir
+eval_interval = 700  # optimizer steps between val losses and checkpoints
+log_interval = 50
 eval_iters = 10  # val batches per val loss
 keep_last = 1  # checkpoints kept in out_dir
 eval_data_path = "data/shapes/val_questions.json"  # questions + answers for eval.py at the end ('' skips)
@@ -41,11 +41,12 @@ wandb_log = False
 wandb_project = "glimpse"
 wandb_run_name = "shapes"
 # data (several files: comma-separated, with one image folder each or one for all)
-data_path = "data/shapes/train.json"
+data_path = "data/shapes/captions.json,data/shapes/train.json"
 image_folder = "data/shapes"
 val_data_path = "data/shapes/val.json"
 val_image_folder = "data/shapes"
-version = "vicuna_v1"  # chat template, see conversation.py
+version = "plain,vicuna_v1"  # chat template (conversation.py): one for all data files or one per file
+curriculum = True  # the data files one after another (each shuffled), instead of mixed: captions first
 image_aspect_ratio = "pad"  # 'pad' (LLaVA), 'square_nocrop' (Ferret), 'crop'
 model_max_length = 2048  # tokens, image tokens included
 num_workers = 0  # DataLoader workers that read images
@@ -53,10 +54,13 @@ num_workers = 0  # DataLoader workers that read images
 model_name_or_path = dict(model_type="llama", hidden_size=128, intermediate_size=512, num_hidden_layers=3,
                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
 tokenizer_name_or_path = "data/shapes/tokenizer"  # None: the tokenizer of model_name_or_path
-vision_tower = dict(model_type="clip_vision_model", hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                    num_attention_heads=4, image_size=64, patch_size=8)
+# a small ConvNeXt with a stride-2 stem: from scratch, a patchify stem (a ViT's, or ConvNeXt's usual
+# 4x4) did not learn shapes in the time a CPU has (BENCHMARKS.md); an 8x8 map gives 64 image tokens
+vision_tower = dict(model_type="convnext", image_size=48, patch_size=2, num_stages=3, hidden_sizes=[32, 64, 128],
+                    depths=[1, 1, 1], layer_scale_init_value=1.0)
 mm_vision_select_layer = -1  # hidden state fed to the projector (LLaVA: -2)
 mm_vision_select_feature = "patch"  # 'patch' or 'cls_patch'
+mm_patch_merge = 1  # k: each k x k block of patches becomes one image token (k^2 fewer tokens)
 mm_projector_type = "mlp2x_gelu"
 # what trains
 tune_mm_mlp_adapter = False  # True: the projector only (LLaVA stage 1)
@@ -65,7 +69,7 @@ unfreeze_mm_vision_tower = True  # the vision tower trains too (a random tower m
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
 batch_size = 32  # per process and micro-step
 gradient_accumulation_steps = 1  # micro-steps per optimizer step, summed over all processes
-max_iters = 2000  # optimizer steps; 0 means num_train_epochs over the data
+max_iters = 2100  # optimizer steps; 0 means num_train_epochs over the data
 num_train_epochs = 1
 learning_rate = 2e-3
 mm_projector_lr = None  # None: learning_rate
@@ -112,6 +116,7 @@ else:
     raise ValueError(f"{world} processes cannot share gradient_accumulation_steps={gradient_accumulation_steps} "
                      f"or batch_size={batch_size}: make one of them divisible by {world}")
 global_batch = micro_batch * accum * world
+chat_template = version.split(",")[-1]  # of the val data, eval and sample.py
 
 
 def log(*a):
@@ -141,8 +146,8 @@ if init_from == "resume":
     if not checkpoints(out_dir):
         raise FileNotFoundError(f"init_from='resume' but {out_dir} holds no checkpoint")
     ckpt = checkpoints(out_dir)[-1]
-elif init_from != "scratch":
-    ckpt = init_from
+elif init_from != "scratch":  # a checkpoint folder, or an out_dir: its newest checkpoint
+    ckpt = (checkpoints(init_from) or [init_from])[-1]
 if ckpt:
     log(f"loading {ckpt}")
     model, _ = load(ckpt)
@@ -152,7 +157,7 @@ else:
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]} if "<image>" not in tokenizer.get_vocab() else {})
     model = VLM(dict(vision_tower=vision_tower, model_name_or_path=model_name_or_path,
                      mm_vision_select_layer=mm_vision_select_layer, mm_vision_select_feature=mm_vision_select_feature,
-                     mm_projector_type=mm_projector_type, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                     mm_patch_merge=mm_patch_merge, mm_projector_type=mm_projector_type, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                      vocab_size=len(tokenizer)))
 if tokenizer.pad_token_id is None:
     tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id will do
@@ -196,7 +201,7 @@ data_args = dict(tokenizer=tokenizer, template=version, num_image_tokens=raw_mod
                  image_size=tower.image_size, image_mean=tower.image_mean, image_std=tower.image_std,
                  image_aspect_ratio=image_aspect_ratio, model_max_length=model_max_length)
 train_data = SupervisedDataset(data_path, image_folder, **data_args)
-val_data = SupervisedDataset(val_data_path, val_image_folder, **data_args) if val_data_path else None
+val_data = SupervisedDataset(val_data_path, val_image_folder, **{**data_args, "template": chat_template}) if val_data_path else None
 for name, d in (("train", train_data), ("val", val_data)):
     if d is not None and d.skipped:
         log(f"{name}: skipped {len(d.skipped)} records, e.g. {next(iter(d.skipped.items()))}")
@@ -217,7 +222,8 @@ def loader(dataset, batches):
 def train_batches():
     """Micro-batches forever, from the saved data position on; state['epoch'/'epoch_step'] track it."""
     while True:
-        batches = rank_batches(len(train_data), micro_batch, accum, rank, world, seed, state["epoch"], state["epoch_step"])
+        batches = rank_batches(train_data.file_sizes, micro_batch, accum, rank, world, seed,
+                               state["epoch"], state["epoch_step"], curriculum)
         yield from loader(train_data, batches)
         state["epoch"], state["epoch_step"] = state["epoch"] + 1, 0
 
@@ -251,6 +257,7 @@ def estimate_val_loss():
     if ddp:
         dist.all_reduce(sums)
     model.train()
+    raw_model.vision_tower.train(any(p.requires_grad for p in raw_model.vision_tower.parameters()))
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
 
@@ -279,8 +286,7 @@ if master:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 model.train()
-if not any(p.requires_grad for p in raw_model.vision_tower.parameters()):
-    raw_model.vision_tower.eval()  # a frozen tower runs as at inference (no dropout)
+raw_model.vision_tower.train(any(p.requires_grad for p in raw_model.vision_tower.parameters()))  # frozen: no dropout
 batches = train_batches()
 t_start = time.time()
 t_log, tokens, supervised, ckpt_path = t_start, 0, 0, None
@@ -290,12 +296,19 @@ while state["iter"] < max_iters:
     for g in optimizer.param_groups:
         g["lr"] = g["base_lr"] * get_lr(it)
     loss_sum = 0.0
-    for micro in range(accum):
-        batch = to_device(next(batches))
+    micro_batches = [to_device(next(batches)) for _ in range(accum)]
+    # the step's loss is the mean over all trained tokens of the global batch, however the batch is
+    # split over processes and micro-steps: weigh each micro-batch's mean by its share of the tokens
+    # (DDP then averages the processes' gradients, hence the factor world)
+    n_tokens = [(b["labels"][:, 1:] != -100).sum() for b in micro_batches]
+    n_global = torch.stack(n_tokens).sum().float()
+    if ddp:
+        dist.all_reduce(n_global)
+    for micro, batch in enumerate(micro_batches):
         if ddp:
             model.require_backward_grad_sync = micro == accum - 1  # all-reduce once per step
         with autocast:
-            loss = model(batch) / accum
+            loss = model(batch) * (n_tokens[micro] * world / n_global)
         loss.backward()
         loss_sum += loss.item()
         tokens += int(batch["attention_mask"].sum()) * world
@@ -334,7 +347,7 @@ while state["iter"] < max_iters:
 log(f"trained {max_iters - start_iter} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint: {ckpt_path}")
 if master and eval_data_path and ckpt_path:
     from eval import evaluate, print_table
-    results = evaluate(raw_model, tokenizer, eval_data_path, eval_image_folder, version, image_aspect_ratio)
+    results = evaluate(raw_model, tokenizer, eval_data_path, eval_image_folder, chat_template, image_aspect_ratio)
     print_table(results)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(results, f, indent=1)

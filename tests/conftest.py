@@ -53,7 +53,7 @@ def train_args(shapes, out_dir, **overrides):
     """train.py's command-line arguments for the tiny model on the shapes fixture, then overrides."""
     args = dict(vision_tower=TINY_TOWER, model_name_or_path=TINY_LLM, tokenizer_name_or_path=shapes / "tokenizer",
                 data_path=shapes / "train.json", image_folder=shapes, val_data_path=shapes / "val.json",
-                val_image_folder=shapes, eval_data_path=shapes / "val_questions.json", eval_image_folder=shapes,
+                version="vicuna_v1", val_image_folder=shapes, eval_data_path=shapes / "val_questions.json", eval_image_folder=shapes,
                 out_dir=out_dir, batch_size=8, max_iters=6, eval_interval=1000, eval_iters=2, log_interval=1,
                 warmup_iters=1)
     args.update(overrides)

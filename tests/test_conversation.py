@@ -39,8 +39,6 @@ def test_image_moves_to_the_front_followed_by_newline():
     assert "USER: <image>\nLook:  what is it? ASSISTANT:" in text  # LLaVA only removes the tag and strips
 
 
-@pytest.mark.xfail(strict=True, reason="bug: LLaVA strips after moving the tag, so an image-only message is "
-                                       "'<image>', not '<image>\\n' (see conversation.move_image_first)")
 def test_image_only_message_matches_llava():
     assert render("vicuna_v1", conv("<image>", "a square")) == VICUNA_SYSTEM + " USER: <image> ASSISTANT: a square</s>"
 

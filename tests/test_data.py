@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from conversation import IGNORE_INDEX
-from data import (SupervisedDataset, collate, load_image, rank_batches, read_records, steps_per_epoch, truncate,
+from data import (SupervisedDataset, collate, epoch_order, load_image, rank_batches, read_records, steps_per_epoch, truncate,
                   validate)
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -255,3 +255,24 @@ def test_resume_gives_the_tail_of_the_same_sequence(start_step):
     for rank in range(2):
         full = rank_batches(70, 2, 2, rank, 2, 11, 4)
         assert rank_batches(70, 2, 2, rank, 2, 11, 4, start_step) == full[start_step * 2:]
+
+
+def test_curriculum_takes_the_files_in_order_each_shuffled():
+    order = epoch_order([30, 20], seed=3, epoch=0, curriculum=True)
+    assert sorted(order[:30]) == list(range(30)) and sorted(order[30:]) == list(range(30, 50))
+    assert order[:30] != list(range(30)) and order[30:] != list(range(30, 50))  # shuffled within each file
+    mixed = epoch_order([30, 20], seed=3, epoch=0)
+    assert sorted(mixed) == list(range(50)) and set(mixed[:30]) != set(range(30))
+    # the distributed contract holds for a curriculum too: one process x 2 micro-steps == 2 ranks
+    one = rank_batches([30, 20], 4, 2, 0, 1, 3, 0, curriculum=True)
+    assert one[0::2] == rank_batches([30, 20], 4, 1, 0, 2, 3, 0, curriculum=True)
+    assert one[1::2] == rank_batches([30, 20], 4, 1, 1, 2, 3, 0, curriculum=True)
+
+
+def test_dataset_counts_records_per_file_and_applies_each_files_template(shapes, tokenizer):
+    d = SupervisedDataset(f"{shapes / 'captions.json'},{shapes / 'train.json'}", str(shapes), tokenizer,
+                          "plain,vicuna_v1", 4, 32, CLIP_MEAN, CLIP_STD)
+    n_captions, n_train = (len(json.loads((shapes / f).read_text())) for f in ("captions.json", "train.json"))
+    assert d.file_sizes == [n_captions, n_train]
+    first_caption, first_chat = d.samples[0][0].tolist(), d.samples[n_captions][0].tolist()
+    assert "USER" not in tokenizer.decode(first_caption) and "USER:" in tokenizer.decode(first_chat)

@@ -31,8 +31,6 @@ def run_pair(train, tmp_path, **overrides):
     return one, two
 
 
-@pytest.mark.xfail(strict=True, reason="bug: with the micro-batch split over ranks, train.py averages the ranks' "
-                                       "per-token means instead of taking the mean over the global batch's tokens")
 def test_two_processes_split_the_batch_like_one(train, tmp_path):
     # 2 ranks x micro-batch 2 vs 1 process x micro-batch 4: the same 4 records in every step
     one, two = run_pair(train, tmp_path)

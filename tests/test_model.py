@@ -326,3 +326,40 @@ def test_vision_tower_from_a_saved_clip_folder(tmp_path):
     with torch.no_grad():
         expected = clip.vision_model(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
         torch.testing.assert_close(tower(x), expected, rtol=0, atol=0)
+
+
+CONVNEXT = dict(model_type="convnext", image_size=32, patch_size=2, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1])
+
+
+def test_conv_tower_turns_its_feature_map_into_tokens():
+    torch.manual_seed(0)
+    tower = VisionTower(CONVNEXT, -1, "patch").eval()
+    x = torch.randn(2, 3, 32, 32)
+    fmap = tower.encoder(pixel_values=x, output_hidden_states=True).hidden_states[-1]  # [2, 16, 8, 8]
+    assert fmap.shape == (2, 16, 8, 8) and tower.num_tokens == 64 and tower.hidden_size == 16
+    out = tower(x)
+    # token i is the cell (row i // 8, column i % 8), read left to right, top to bottom
+    torch.testing.assert_close(out[:, 8 * 3 + 5], fmap[:, :, 3, 5], rtol=0, atol=0)
+    tower.requires_grad_(True)
+    tower.freeze_unused()  # the final LayerNorm only feeds the pooled output
+    assert not tower.encoder.layernorm.weight.requires_grad and tower.encoder.embeddings.patch_embeddings.weight.requires_grad
+
+
+def test_merge_patches_groups_neighbours():
+    from model import merge_patches
+    feats = torch.arange(2 * 16 * 3, dtype=torch.float).reshape(2, 16, 3)  # a 4x4 grid of 3-vectors
+    merged = merge_patches(feats, 2)
+    assert merged.shape == (2, 4, 12)
+    grid = feats.reshape(2, 4, 4, 3)
+    # the top-right merged token holds the patches (0,2), (0,3), (1,2), (1,3)
+    expected = torch.cat([grid[:, 0, 2], grid[:, 0, 3], grid[:, 1, 2], grid[:, 1, 3]], -1)
+    torch.testing.assert_close(merged[:, 1], expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="mm_patch_merge"):
+        merge_patches(torch.zeros(1, 9, 3), 2)
+
+
+def test_model_with_merge_has_fewer_image_tokens(shapes, tokenizer):
+    m = make_model(tokenizer, vision_tower=CONVNEXT, mm_patch_merge=2)
+    assert m.num_image_tokens == 16
+    batch = get_batch(shapes, tokenizer, m, n=2)
+    assert torch.isfinite(m(batch))

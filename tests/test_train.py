@@ -150,3 +150,12 @@ def test_wrong_config_key_fails_with_a_suggestion(shapes, tmp_path):
     assert proc.returncode != 0
     assert "learning_rat" in proc.stderr and "did you mean 'learning_rate'" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_default_recipe_captions_then_chat(train, shapes, tmp_path):
+    """The default's shape: plain captions, then vicuna_v1 conversations (curriculum), on the conv tower."""
+    run = train(tmp_path, data_path=f"{shapes / 'captions.json'},{shapes / 'train.json'}", version="plain,vicuna_v1",
+                curriculum=True, vision_tower=dict(model_type="convnext", image_size=32, patch_size=2, num_stages=2,
+                                                   hidden_sizes=[8, 16], depths=[1, 1]), max_iters=4, eval_data_path="")
+    assert "train: 288 records" in run.stdout and "64 tokens per image" in run.stdout
+    assert sorted(run.steps) == [1, 2, 3, 4] and all(math.isfinite(v) for v in run.losses().values())

@@ -6,7 +6,8 @@ The built-in "shapes" dataset: synthetic images with 1-3 shapes and questions ab
 Deterministic from --seed. Each image holds 1-3 non-overlapping shapes of different kinds and
 colors (so "the circle" and "the red shape" name one shape each), of varied size and position, on
 a gray background of varied shade. Files, all LLaVA-format JSON:
-  train.json, val.json      multi-turn conversations: color, shape, count, exists, grounding, caption
+  train.json, val.json      per image: a caption, and a conversation of color, shape, count,
+                            exists and grounding questions
   captions.json             one caption per train image, for stage-1 alignment with the plain template
   val_questions.json        single questions with their type and answer, for eval.py
   tokenizer/                a byte-level BPE trained on the text here (digits split one by one)
@@ -37,7 +38,7 @@ def place_shapes(rng, size):
     objects = []
     for shape, color in zip(shapes, colors):
         for _ in range(100):
-            s = rng.randint(size // 5, size * 2 // 5)
+            s = rng.randint(size // 4, size // 2)
             x, y = rng.randint(1, size - s - 1), rng.randint(1, size - s - 1)
             box = (x, y, x + s, y + s)
             if all(box[2] + 2 <= b[0] or b[2] + 2 <= box[0] or box[3] + 2 <= b[1] or b[3] + 2 <= box[1]
@@ -94,17 +95,19 @@ def questions(rng, objects, size):
     ]
 
 
-def conversation(rng, qs):
-    """A multi-turn conversation over a random subset of the questions (caption last: it names every
-    shape, so questions after it could be answered from the text instead of the image)."""
-    qs = rng.sample(qs[:-1], rng.randint(1, len(qs) - 1)) + ([qs[-1]] if rng.random() < 0.5 else [])
-    turns = []
-    for i, (_, q, a) in enumerate(qs):
-        turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q}, {"from": "gpt", "value": a}]
-    return turns
+def turns(qas):
+    """[(question, answer)] -> LLaVA messages, the image tag in the first question."""
+    out = []
+    for i, (q, a) in enumerate(qas):
+        out += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q}, {"from": "gpt", "value": a}]
+    return out
 
 
 def build_split(rng, name, n, size, out):
+    """Two records per image: its caption, and a conversation over 1-5 of the other questions. The
+    caption is a record of its own because it names every shape: in the same conversation, answers
+    could be copied from it instead of read off the image. Captions matter most early in training:
+    every word of one depends on the image, so they teach the model to look."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     records, captions, single = [], [], []
     for i in range(n):
@@ -112,8 +115,10 @@ def build_split(rng, name, n, size, out):
         image = f"images/{name}_{i:06d}.png"
         draw(objects, size, rng.randint(60, 200)).save(os.path.join(out, image))
         qs = questions(rng, objects, size)
-        records.append({"id": f"{name}_{i}", "image": image, "conversations": conversation(rng, qs)})
-        captions.append({"id": f"{name}_{i}_cap", "image": image, "conversations": [
+        asked = rng.sample(qs[:-1], rng.randint(1, len(qs) - 1))
+        records += [{"id": f"{name}_{i}_caption", "image": image, "conversations": turns([qs[-1][1:]])},
+                    {"id": f"{name}_{i}", "image": image, "conversations": turns([q[1:] for q in asked])}]
+        captions.append({"id": f"{name}_{i}", "image": image, "conversations": [
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": qs[-1][2]}]})
         single += [{"id": f"{name}_{i}_{t}", "image": image, "type": t, "question": q, "answer": a} for t, q, a in qs]
     return records, captions, single
@@ -140,9 +145,9 @@ def train_tokenizer(texts, path, vocab_size):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
-    p.add_argument("--train", type=int, default=20000, help="train images")
+    p.add_argument("--train", type=int, default=40000, help="train images")
     p.add_argument("--val", type=int, default=500, help="val images")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--size", type=int, default=48, help="image side in pixels")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--vocab_size", type=int, default=512)
     a = p.parse_args()

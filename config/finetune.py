@@ -1,0 +1,29 @@
+# LLaVA-1.5 stage 2 (visual instruction tuning), as published in LLaVA's scripts/v1_5/finetune.sh:
+# the projector and the LLM train on the 665K mix with the vicuna_v1 template, starting from the
+# stage-1 checkpoint (config/pretrain.py). A 7B model in fp32 master weights with AdamW needs the
+# memory of FSDP (parallel='fsdp', a later issue) or LoRA on 8 x 80 GB; the recipe is the same.
+# torchrun --standalone --nproc_per_node=8 train.py config/finetune.py
+out_dir = "out-llava-v1.5-7b"
+init_from = "out-llava-v1.5-7b-pretrain"  # the newest checkpoint of stage 1
+tune_mm_mlp_adapter = False
+freeze_backbone = False
+unfreeze_mm_vision_tower = False
+version = "vicuna_v1"
+data_path = "playground/data/llava_v1_5_mix665k.json"
+image_folder = "playground/data"
+val_data_path = ""
+eval_data_path = ""
+image_aspect_ratio = "pad"
+model_max_length = 2048
+batch_size = 16  # x 8 GPUs = global batch 128
+gradient_accumulation_steps = 1
+max_iters = 0  # one epoch
+num_train_epochs = 1
+learning_rate = 2e-5
+min_lr = 0.0
+warmup_ratio = 0.03
+weight_decay = 0.0
+beta2 = 0.999
+eval_interval = 1000
+log_interval = 1
+num_workers = 4
