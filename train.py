@@ -55,7 +55,7 @@ model_name_or_path = dict(model_type="llama", hidden_size=128, intermediate_size
                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
 tokenizer_name_or_path = "data/shapes/tokenizer"  # None: the tokenizer of model_name_or_path
 # a small ConvNeXt with a stride-2 stem: from scratch, a patchify stem (a ViT's, or ConvNeXt's usual
-# 4x4) did not learn shapes in the time a CPU has (BENCHMARKS.md); an 8x8 map gives 64 image tokens
+# 4x4) did not learn shapes in the time a CPU has (BENCHMARKS.md); its 6x6 map gives 36 image tokens
 vision_tower = dict(model_type="convnext", image_size=48, patch_size=2, num_stages=3, hidden_sizes=[32, 64, 128],
                     depths=[1, 1, 1], layer_scale_init_value=1.0)
 mm_vision_select_layer = -1  # hidden state fed to the projector (LLaVA: -2)

@@ -1,6 +1,7 @@
 """configurator.py: config files, then --key=value overrides, checked against the defaults' types."""
 import pytest
 
+from conftest import REPO
 from configurator import configure
 
 
@@ -102,3 +103,21 @@ def test_path_and_config_dict_stand_in_for_each_other():
         "openai/clip-vit-large-patch14"
     c = configure(dict(model="path"), ["--model={'model_type': 'llama'}"])
     assert c["model"] == {"model_type": "llama"}
+
+
+def test_train_shapes_config_restates_the_defaults():
+    """config/train_shapes.py says it holds train.py's defaults: keep the two equal."""
+    import torch  # noqa: F401  (the defaults block reads torch.cuda)
+    src = (REPO / "train.py").read_text()
+    defaults_block = src[src.index("# I/O"):src.index("config_keys =")]
+    defaults = {}
+    exec("import torch\n" + defaults_block, defaults)
+    config = {}
+    exec((REPO / "config" / "train_shapes.py").read_text(), config)
+    restated = {k: v for k, v in config.items() if not k.startswith("__")}
+    assert len(restated) > 10
+    for key, value in restated.items():
+        assert key in defaults, key
+        if key != "dtype":  # the default picks bfloat16 on a GPU
+            assert defaults[key] == value, key
+    assert defaults["dtype"] == "float32"  # on this CPU-only test machine

@@ -106,7 +106,7 @@ def labelled_runs(ids, labels):
 @pytest.mark.parametrize("num_image_tokens", [1, 5])
 def test_ids_equal_whole_text_tokenization_for_all_train_records(shapes, tokenizer, num_image_tokens):
     records = json.loads((shapes / "train.json").read_text())
-    assert len(records) == 96
+    assert len(records) == 2 * 96  # a conversation and a caption per image
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     for r in records:
         ids, labels = tokenize("vicuna_v1", r["conversations"], tokenizer, num_image_tokens)

@@ -63,11 +63,14 @@ def test_jsonl_and_several_files(shapes, tokenizer, tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.json"
     a.write_text("\n".join(json.dumps({**GOOD, "id": f"a{i}"}) for i in range(3)) + "\n")
     b.write_text(json.dumps([{**GOOD, "id": "b0"}]))
-    records = read_records(f"{a},{b}", str(shapes))
-    assert [(r["id"], w) for r, _, w in records] == [("a0", f"{a}:0"), ("a1", f"{a}:1"), ("a2", f"{a}:2"), ("b0", f"{b}:0")]
+    records = read_records(f"{a},{b}", str(shapes), "vicuna_v1,plain")
+    assert [(r["id"], t, w) for r, _, t, w in records] == [
+        ("a0", "vicuna_v1", f"{a}:0"), ("a1", "vicuna_v1", f"{a}:1"), ("a2", "vicuna_v1", f"{a}:2"), ("b0", "plain", f"{b}:0")]
     assert len(dataset(shapes, tokenizer, f"{a},{b}")) == 4
     with pytest.raises(ValueError, match="image folders"):
-        read_records(f"{a},{b}", f"{shapes},{shapes},{shapes}")
+        read_records(f"{a},{b}", f"{shapes},{shapes},{shapes}", "vicuna_v1")
+    with pytest.raises(ValueError, match="templates"):
+        read_records(f"{a},{b}", str(shapes), "vicuna_v1,plain,plain")
 
 
 def test_text_only_record_is_valid(shapes, tokenizer, tmp_path):
@@ -125,9 +128,10 @@ def test_dataset_truncation_skips_and_keeps_whole_blocks(shapes, tokenizer):
     max_len = sorted(first_trained)[len(first_trained) // 2] + 1  # about half the records keep a trained token
     d = dataset(shapes, tokenizer, num_image_tokens=16, model_max_length=max_len)
     expect_kept = [i for i, f in enumerate(first_trained) if f < max_len]
-    assert 0 < len(expect_kept) < 96
-    assert len(d) == len(expect_kept) and len(d.skipped) == 96 - len(expect_kept)
-    assert sorted(d.skipped) == sorted(f"{shapes / 'train.json'}:{i}" for i in range(96) if i not in expect_kept)
+    n = len(full)
+    assert 0 < len(expect_kept) < n
+    assert len(d) == len(expect_kept) and len(d.skipped) == n - len(expect_kept)
+    assert sorted(d.skipped) == sorted(f"{shapes / 'train.json'}:{i}" for i in range(n) if i not in expect_kept)
     for (ids, labels, image), i in zip(d.samples, expect_kept):
         full_ids, full_labels, full_image = full.samples[i]
         n = min(len(full_ids), max_len)

@@ -27,21 +27,21 @@ def run_pair(train, tmp_path, **overrides):
     common = dict(max_iters=STEPS, batch_size=4, val_data_path="", eval_data_path="", eval_interval=1000, **overrides)
     one = train(tmp_path / "one", **common)
     two = train(tmp_path / "two", nproc=2, **common)
-    assert "train: 96 records" in two.stdout and two.stdout.count(f"step {STEPS}/{STEPS}") == 1  # rank 0 logs alone
+    assert "train: 192 records" in two.stdout and two.stdout.count(f"step {STEPS}/{STEPS}") == 1  # rank 0 logs alone
     return one, two
 
 
 def test_two_processes_split_the_batch_like_one(train, tmp_path):
     # 2 ranks x micro-batch 2 vs 1 process x micro-batch 4: the same 4 records in every step
     one, two = run_pair(train, tmp_path)
-    assert "24 steps of 4 per epoch" in one.stdout and "24 steps of 4 per epoch" in two.stdout
+    assert "48 steps of 4 per epoch" in one.stdout and "48 steps of 4 per epoch" in two.stdout
     compare(one, two)
 
 
 def test_two_processes_share_accumulation_steps_like_one(train, tmp_path):
     # 2 ranks x 1 micro-step vs 1 process x 2 micro-steps of 4 records
     one, two = run_pair(train, tmp_path, gradient_accumulation_steps=2)
-    assert "12 steps of 8 per epoch" in one.stdout and "12 steps of 8 per epoch" in two.stdout
+    assert "24 steps of 8 per epoch" in one.stdout and "24 steps of 8 per epoch" in two.stdout
     compare(one, two)
     # and the weights after 6 steps
     from safetensors.torch import load_file

@@ -145,7 +145,7 @@ def test_pixels_change_the_loss_and_gradients_reach_the_tower(shapes, tokenizer)
     model.vision_tower.freeze_unused()  # the post-layernorm cannot reach hidden_states[-1]
     assert sum(p.requires_grad for p in model.vision_tower.parameters()) > 10
     assert not model.vision_tower.encoder.post_layernorm.weight.requires_grad
-    batch = get_batch(shapes, tokenizer, model, n=2)
+    batch = get_batch(shapes, tokenizer, model, n=2, start=1)  # two different images (records come in pairs per image)
     loss = model(batch)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision_tower.parameters() if p.requires_grad)

@@ -41,7 +41,7 @@ def test_loss_decreases(trained):
     assert sorted(losses) == list(range(1, 151)) and all(math.isfinite(v) for v in losses.values())
     first, mid, last = ([losses[s] for s in range(a, a + 5)] for a in (1, 26, 146))
     # a random init starts near ln(vocab); in 30 steps the loss is down by more than 1 (to about 4.6 here),
-    # and after 150 (12.5 epochs of 96 records) to about 1.1
+    # and after 150 (6.25 epochs of 192 records) to about 1.1
     assert first[0] == pytest.approx(math.log(452), abs=0.5)
     assert all(a > b for a, b in zip(first, first[1:]))  # the first steps go steadily down
     assert sum(mid) / 5 < sum(first) / 5 - 1.0, losses

@@ -104,10 +104,10 @@ def turns(qas):
 
 
 def build_split(rng, name, n, size, out):
-    """Two records per image: its caption, and a conversation over 1-5 of the other questions. The
-    caption is a record of its own because it names every shape: in the same conversation, answers
-    could be copied from it instead of read off the image. Captions matter most early in training:
-    every word of one depends on the image, so they teach the model to look."""
+    """Per image: a conversation over 1-5 of the questions, and its caption as a record of its own (a
+    caption names every shape: in the same conversation, answers could be copied from it instead of
+    read off the image). captions.json holds the captions again in the plain template: every word of a
+    caption depends on the image, so training on them first teaches the model to look."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     records, captions, single = [], [], []
     for i in range(n):
@@ -116,8 +116,8 @@ def build_split(rng, name, n, size, out):
         draw(objects, size, rng.randint(60, 200)).save(os.path.join(out, image))
         qs = questions(rng, objects, size)
         asked = rng.sample(qs[:-1], rng.randint(1, len(qs) - 1))
-        records += [{"id": f"{name}_{i}_caption", "image": image, "conversations": turns([qs[-1][1:]])},
-                    {"id": f"{name}_{i}", "image": image, "conversations": turns([q[1:] for q in asked])}]
+        records += [{"id": f"{name}_{i}", "image": image, "conversations": turns([q[1:] for q in asked])},
+                    {"id": f"{name}_{i}_caption", "image": image, "conversations": turns([qs[-1][1:]])}]
         captions.append({"id": f"{name}_{i}", "image": image, "conversations": [
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": qs[-1][2]}]})
         single += [{"id": f"{name}_{i}_{t}", "image": image, "type": t, "question": q, "answer": a} for t, q, a in qs]
