@@ -30,6 +30,12 @@ TEMPLATES = {
 TEMPLATES["v1"] = TEMPLATES["vicuna_v1"]
 
 
+def chat_template(version):
+    """The template a run chats in: the last of `version`, which may list one template per data file
+    (e.g. 'plain,vicuna_v1': captions, then conversations)."""
+    return version.split(",")[-1]
+
+
 def get_template(name):
     if name not in TEMPLATES:
         raise ValueError(f"unknown chat template {name!r}; known: {', '.join(sorted(TEMPLATES))}")

@@ -62,6 +62,7 @@ def print_table(results):
 
 if __name__ == "__main__":
     import configurator
+    from conversation import chat_template
     from model import checkpoints, load
     from transformers import AutoTokenizer
     args = configurator.configure(dict(out_dir="out-shapes", ckpt="", eval_data_path="data/shapes/val_questions.json",
@@ -71,7 +72,7 @@ if __name__ == "__main__":
         sys.exit(f"no checkpoint in {args['out_dir']}")
     model, config = load(ckpt, args["device"])
     results = evaluate(model, AutoTokenizer.from_pretrained(ckpt), args["eval_data_path"], args["eval_image_folder"],
-                       config["train"]["version"].split(",")[-1], config["train"]["image_aspect_ratio"])
+                       chat_template(config["train"]["version"]), config["train"]["image_aspect_ratio"])
     print_table(results)
     with open(os.path.join(os.path.dirname(ckpt), "eval.json"), "w") as f:
         json.dump(results, f, indent=1)

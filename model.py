@@ -66,6 +66,10 @@ class VisionTower(nn.Module):
         with torch.no_grad():  # the token count and width, whatever the architecture
             _, self.num_tokens, self.hidden_size = self(torch.zeros(1, 3, self.image_size, self.image_size)).shape
 
+    @property
+    def trainable(self):
+        return any(p.requires_grad for p in self.parameters())
+
     def spec(self):
         """The config dict that rebuilds this tower (with random weights)."""
         return {**self.encoder.config.to_dict(), "image_mean": self.image_mean, "image_std": self.image_std}
@@ -152,8 +156,7 @@ class VLM(nn.Module):
     def encode_images(self, pixel_values):
         """[N, 3, H, W] -> [N, num_image_tokens, llm width]. A frozen tower builds no autograd graph."""
         tower = self.vision_tower
-        trainable = any(p.requires_grad for p in tower.parameters())
-        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(tower.trainable and torch.is_grad_enabled()):
             feats = tower(pixel_values.to(next(tower.parameters()).dtype))
         feats = merge_patches(feats, self.patch_merge)
         return self.mm_projector(feats.to(next(self.mm_projector.parameters()).dtype))

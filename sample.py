@@ -11,7 +11,7 @@ import sys
 import torch
 
 import configurator
-from conversation import stop_string, tokenize
+from conversation import chat_template, stop_string, tokenize
 from data import load_image
 from model import checkpoints, load
 from transformers import AutoTokenizer
@@ -53,6 +53,6 @@ if __name__ == "__main__":
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     train = config["train"]
-    answer = ask(model, tokenizer, train["version"].split(",")[-1], image_args(model, train), [args["image"] or None], [args["prompt"]],
+    answer = ask(model, tokenizer, chat_template(train["version"]), image_args(model, train), [args["image"] or None], [args["prompt"]],
                  args["max_new_tokens"], args["temperature"], args["top_p"], torch.Generator(args["device"]).manual_seed(args["seed"]))
     print(answer[0])

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoTokenizer
 
 import configurator
+from conversation import chat_template
 from data import SupervisedDataset, collate, rank_batches, steps_per_epoch
 from model import VLM, checkpoints, load, save
 
@@ -116,7 +117,6 @@ else:
     raise ValueError(f"{world} processes cannot share gradient_accumulation_steps={gradient_accumulation_steps} "
                      f"or batch_size={batch_size}: make one of them divisible by {world}")
 global_batch = micro_batch * accum * world
-chat_template = version.split(",")[-1]  # of the val data, eval and sample.py
 
 
 def log(*a):
@@ -201,7 +201,7 @@ data_args = dict(tokenizer=tokenizer, template=version, num_image_tokens=raw_mod
                  image_size=tower.image_size, image_mean=tower.image_mean, image_std=tower.image_std,
                  image_aspect_ratio=image_aspect_ratio, model_max_length=model_max_length)
 train_data = SupervisedDataset(data_path, image_folder, **data_args)
-val_data = SupervisedDataset(val_data_path, val_image_folder, **{**data_args, "template": chat_template}) if val_data_path else None
+val_data = SupervisedDataset(val_data_path, val_image_folder, **{**data_args, "template": chat_template(version)}) if val_data_path else None
 for name, d in (("train", train_data), ("val", val_data)):
     if d is not None and d.skipped:
         log(f"{name}: skipped {len(d.skipped)} records, e.g. {next(iter(d.skipped.items()))}")
@@ -257,7 +257,7 @@ def estimate_val_loss():
     if ddp:
         dist.all_reduce(sums)
     model.train()
-    raw_model.vision_tower.train(any(p.requires_grad for p in raw_model.vision_tower.parameters()))
+    raw_model.vision_tower.train(raw_model.vision_tower.trainable)  # a frozen tower stays in eval mode
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
 
@@ -286,7 +286,7 @@ if master:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 model.train()
-raw_model.vision_tower.train(any(p.requires_grad for p in raw_model.vision_tower.parameters()))  # frozen: no dropout
+raw_model.vision_tower.train(raw_model.vision_tower.trainable)  # a frozen tower runs without dropout
 batches = train_batches()
 t_start = time.time()
 t_log, tokens, supervised, ckpt_path = t_start, 0, 0, None
@@ -347,7 +347,7 @@ while state["iter"] < max_iters:
 log(f"trained {max_iters - start_iter} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint: {ckpt_path}")
 if master and eval_data_path and ckpt_path:
     from eval import evaluate, print_table
-    results = evaluate(raw_model, tokenizer, eval_data_path, eval_image_folder, chat_template, image_aspect_ratio)
+    results = evaluate(raw_model, tokenizer, eval_data_path, eval_image_folder, chat_template(version), image_aspect_ratio)
     print_table(results)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(results, f, indent=1)
