@@ -30,8 +30,9 @@ def ask(model, tokenizer, template, image_args, images, questions, max_new_token
         input_ids[i, T - len(p):], attention_mask[i, T - len(p):] = torch.tensor(p), 1
     pixels = [load_image(img, *image_args) for img in images if img]
     pixel_values = torch.stack(pixels).to(device) if pixels else None
-    stop = stop_string(template)
-    stop_ids = {tokenizer.eos_token_id} | set(tokenizer.convert_tokens_to_ids(tokenizer.tokenize(stop)) if stop != tokenizer.eos_token else [])
+    stop = stop_string(template, tokenizer)
+    stop_id = tokenizer(stop, add_special_tokens=False)["input_ids"]  # a one-token marker ends generation early;
+    stop_ids = {tokenizer.eos_token_id} | set(stop_id if len(stop_id) == 1 else [])  # a longer one is cut below
     new = model.generate(input_ids.to(device), attention_mask.to(device), pixel_values, max_new_tokens,
                          temperature, top_p, stop_ids, generator)
     texts = tokenizer.batch_decode(new.tolist(), skip_special_tokens=True)

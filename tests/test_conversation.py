@@ -1,14 +1,19 @@
-"""conversation.py: LLaVA's exact prompt strings, and (input_ids, labels) with exact masks, checked
-with the real byte-level BPE tokenizer of the shapes fixture."""
+"""conversation.py: the published prompt strings of LLaVA's and Ferret's templates (and the Llama 3, Qwen2
+and Gemma formats), byte for byte; (input_ids, labels) with exact masks on the shapes tokenizer and on real
+tokenizers (Llama/Mistral SentencePiece, GPT-2, Qwen, SmolLM2), including property-based tests over random
+conversations for every template x tokenizer pair."""
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from conversation import IGNORE_INDEX, render, segments, stop_string, tokenize
+from conversation import IGNORE_INDEX, TEMPLATES, bos_ids, render, segments, stop_string, tokenize
 
-# llava/conversation.py (haotian-liu/LLaVA), conv_vicuna_v1: system, roles USER/ASSISTANT, sep " ", sep2 "</s>"
-VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+# llava/conversation.py (haotian-liu/LLaVA): conv_vicuna_v1 says "user", conv_llava_v1 says "human"
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+LLAVA_SYSTEM = VICUNA_SYSTEM.replace("user", "human")
 
 
 def conv(*values, system=None):
@@ -18,8 +23,8 @@ def conv(*values, system=None):
 
 def test_vicuna_v1_renders_llava_string():
     messages = conv("<image>\nWhat color is the circle?", "red", "How many shapes are there?", "two")
-    expected = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-                "helpful, detailed, and polite answers to the human's questions. "
+    expected = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                "helpful, detailed, and polite answers to the user's questions. "
                 "USER: <image>\nWhat color is the circle? ASSISTANT: red</s>"
                 "USER: How many shapes are there? ASSISTANT: two</s>")
     assert render("vicuna_v1", messages) == expected
@@ -73,7 +78,7 @@ def test_trained_segments_are_exactly_the_replies():
     [{"from": "human", "value": "a"}, {"from": "system", "value": "b"}],
 ])
 def test_non_alternating_turns_raise(messages):
-    with pytest.raises(ValueError, match="alternate"):
+    with pytest.raises(ValueError, match="turns must go human, gpt"):
         segments("vicuna_v1", messages)
 
 
@@ -153,3 +158,278 @@ def test_system_override_tokenizes_the_same_as_the_text(tokenizer):
     ids, labels = tokenize("vicuna_v1", messages, tokenizer, 2)
     assert ids == tokenizer(expanded(render("vicuna_v1", messages), 2))["input_ids"]
     assert tokenizer.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX]) == " yes</s>"
+
+
+# --- the published templates, byte for byte ------------------------------------------------------------
+
+LLAMA_2_SYSTEM = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being "
+    "safe.  Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal "
+    "content. Please ensure that your responses are socially unbiased and positive in nature.\n\nIf a question "
+    "does not make any sense, or is not factually coherent, explain why instead of answering something not "
+    "correct. If you don't know the answer to a question, please don't share false information.")
+LLAVA_LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual "
+                        "content that the user provides, and assist the user with a variety of tasks using natural "
+                        "language.")
+FERRET_SYSTEM = ("A chat between a human and an AI that understands visuals. In images, [x, y] denotes points: "
+                 "top-left [0, 0], bottom-right [width-1, height-1]. Increasing x moves right; y moves down. "
+                 "Bounding box: [x1, y1, x2, y2]. Image size: 1000x1000. Follow instructions. ")
+MPT_SYSTEM = ("<|im_start|>system\nA conversation between a user and an LLM-based AI assistant. The assistant gives "
+              "helpful and honest answers.")
+Q = "<image>\nWhat is this?"  # "What is this? <image>" after LLaVA's preprocessing
+
+# template -> (two-turn training text, generation prompt for the first question)
+PUBLISHED = {
+    "vicuna_v1": (VICUNA_SYSTEM + f" USER: {Q} ASSISTANT: A cat.</s>USER: Color? ASSISTANT: Black.</s>",
+                  VICUNA_SYSTEM + f" USER: {Q} ASSISTANT:"),
+    "llava_v1": (LLAVA_SYSTEM + f" USER: {Q} ASSISTANT: A cat.</s>USER: Color? ASSISTANT: Black.</s>",
+                 LLAVA_SYSTEM + f" USER: {Q} ASSISTANT:"),
+    "ferret_v1": (FERRET_SYSTEM + f" USER: {Q} ASSISTANT: A cat.</s>USER: Color? ASSISTANT: Black.</s>",
+                  FERRET_SYSTEM + f" USER: {Q} ASSISTANT:"),
+    "llama_2": (f"[INST] <<SYS>>\n{LLAMA_2_SYSTEM}\n<</SYS>>\n\n{Q} [/INST] A cat. </s><s>[INST] Color? [/INST] Black. </s>",
+                f"[INST] <<SYS>>\n{LLAMA_2_SYSTEM}\n<</SYS>>\n\n{Q} [/INST]"),
+    "llava_llama_2": (f"[INST] <<SYS>>\n{LLAVA_LLAMA_2_SYSTEM}\n<</SYS>>\n\n{Q} [/INST] A cat. </s><s>[INST] Color? [/INST] Black. </s>",
+                      f"[INST] <<SYS>>\n{LLAVA_LLAMA_2_SYSTEM}\n<</SYS>>\n\n{Q} [/INST]"),
+    "mistral_instruct": (f"[INST] {Q} [/INST] A cat. </s>[INST] Color? [/INST] Black. </s>", f"[INST] {Q} [/INST]"),
+    "mpt": (MPT_SYSTEM + f"<|im_end|><|im_start|>user\n{Q}<|im_end|><|im_start|>assistant\nA cat.<|im_end|>"
+            "<|im_start|>user\nColor?<|im_end|><|im_start|>assistant\nBlack.<|im_end|>",
+            MPT_SYSTEM + f"<|im_end|><|im_start|>user\n{Q}<|im_end|><|im_start|>assistant\n"),
+    "chatml_direct": (f"<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n{Q}<|im_end|>"
+                      "<|im_start|>assistant\nA cat.<|im_end|><|im_start|>user\nColor?<|im_end|><|im_start|>assistant\n"
+                      "Black.<|im_end|>",
+                      f"<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n{Q}<|im_end|><|im_start|>assistant\n"),
+    "llama_3": (f"<|start_header_id|>user<|end_header_id|>\n\n{Q}<|eot_id|><|start_header_id|>assistant<|end_header_id|>"
+                "\n\nA cat.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nColor?<|eot_id|>"
+                "<|start_header_id|>assistant<|end_header_id|>\n\nBlack.<|eot_id|>",
+                f"<|start_header_id|>user<|end_header_id|>\n\n{Q}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
+    "qwen2": (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{Q}<|im_end|>\n"
+              "<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nColor?<|im_end|>\n<|im_start|>assistant\n"
+              "Black.<|im_end|>\n",
+              f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{Q}<|im_end|>\n"
+              "<|im_start|>assistant\n"),
+    "gemma": (f"<start_of_turn>user\n{Q}<end_of_turn>\n<start_of_turn>model\nA cat.<end_of_turn>\n"
+              "<start_of_turn>user\nColor?<end_of_turn>\n<start_of_turn>model\nBlack.<end_of_turn>\n",
+              f"<start_of_turn>user\n{Q}<end_of_turn>\n<start_of_turn>model\n"),
+}
+STOP = {"vicuna_v1": "</s>", "llava_v1": "</s>", "ferret_v1": "</s>", "llama_2": "</s>", "llava_llama_2": "</s>",
+        "mistral_instruct": "</s>", "mpt": "<|im_end|>", "chatml_direct": "<|im_end|>", "llama_3": "<|eot_id|>",
+        "qwen2": "<|im_end|>", "gemma": "<end_of_turn>", "plain": "\n"}
+
+
+@pytest.mark.parametrize("template", sorted(PUBLISHED))
+def test_templates_render_the_published_text(template):
+    text, prompt = PUBLISHED[template]
+    assert render(template, conv("What is this? <image>", "A cat.", "Color?", "Black.")) == text
+    assert render(template, conv("What is this? <image>")) == prompt
+    assert stop_string(template) == STOP[template]
+    # the trained text is each reply with its end-of-turn marker (and, in LLaVA's templates, their spaces)
+    trained = [t for t, trained in segments(template, conv("What is this? <image>", "A cat.", "Color?", "Black.")) if trained]
+    assert [t.strip() for t in trained] == [f"{a}{' ' if template.endswith('llama_2') or template == 'mistral_instruct' else ''}"
+                                           f"{STOP[template]}" for a in ("A cat.", "Black.")]
+
+
+def test_every_template_is_covered():
+    assert set(PUBLISHED) | {"plain", "auto", "v1"} == set(TEMPLATES)
+
+
+def test_gemma_puts_the_system_prompt_in_the_first_user_turn_and_trims():
+    text = render("gemma", conv("  Hi  ", " Hello ", system="Be brief."))
+    assert text == "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
+    assert render("llama_3", conv("Hi", "Hello", system="Be brief.")).startswith(
+        "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>")
+    assert render("qwen2", conv("Hi", "Hello", system="Be brief.")).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+
+
+@pytest.mark.parametrize("messages, error", [
+    ([{"from": "human", "value": ""}, {"from": "gpt", "value": "a"}], "empty"),
+    ([{"from": "human", "value": "a"}, {"from": "gpt", "value": 3}], "must be"),
+    ([{"from": "user", "value": "a"}, {"from": "gpt", "value": "b"}], "must be"),
+    ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "<image> b"}], "cannot hold"),
+    ([{"from": "system", "value": "a"}], "nothing else"),
+])
+def test_bad_messages_raise_saying_what(messages, error):
+    with pytest.raises(ValueError, match=error):
+        segments("vicuna_v1", messages)
+
+
+# --- real tokenizers -----------------------------------------------------------------------------------
+
+REAL = ("llama", "gpt2", "qwen", "smollm2")
+SPECIAL = ("<s>", "</s>", "<unk>", "<pad>", "<|", "|>", "<image>", "<start_of_turn>", "<end_of_turn>")
+
+
+def collapse_images(ids, labels, image_id, n):
+    """Undo the expansion of <image>: each run of n image ids becomes one (checking runs and labels)."""
+    out_ids, out_labels, i = [], [], 0
+    while i < len(ids):
+        if ids[i] == image_id:
+            assert ids[i:i + n] == [image_id] * n and labels[i:i + n] == [IGNORE_INDEX] * n
+            i += n - 1
+        out_ids.append(ids[i])
+        out_labels.append(labels[i])
+        i += 1
+    return out_ids, out_labels
+
+
+def check_exact(template, messages, tok, n=3):
+    """The properties of tokenize that the issue asks for, checked against the tokenizer itself: labels copy
+    the ids on the trained segments only (checked by decoding the ids up to every edge of a reply); the ids
+    decode to the rendered text; and they equal the tokenization of the whole text unless the tokenizer
+    merges characters across an edge of a reply there. Returns whether they equal the whole text's ids."""
+    segs = segments(template, messages, tok)
+    text = "".join(s for s, _ in segs)
+    ids, labels = tokenize(template, messages, tok, n)
+    assert len(ids) == len(labels) and all(l in (i, IGNORE_INDEX) for i, l in zip(ids, labels))
+    bos = 0 if template == "auto" else len(bos_ids(tok))
+    assert labels[:bos] == [IGNORE_INDEX] * bos
+    ids, labels = collapse_images(ids[bos:], labels[bos:], tok.convert_tokens_to_ids("<image>"), n)
+    assert ids.count(tok.convert_tokens_to_ids("<image>")) == text.count("<image>")
+    decode = lambda x: tok.decode(x, skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
+    assert decode(ids) == text
+    # runs of trained / untrained tokens line up with the segments, one for one
+    runs, start = [], 0
+    for k in range(1, len(ids) + 1):
+        if k == len(ids) or (labels[k] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
+            runs.append((k, labels[start] != IGNORE_INDEX))
+            start = k
+    edge, expected = 0, []
+    for s, trained in segs:
+        edge += len(s)
+        expected.append((edge, trained))
+    assert [(len(decode(ids[:k])), trained) for k, trained in runs] == expected
+    assert all(decode(ids[:k]) == text[:e] for (k, _), (e, _) in zip(runs, expected))
+    # the ids of the whole text, unless a token of it straddles an edge between segments
+    whole = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    straddles = any(a < e < b for e, _ in expected[:-1] for a, b in whole["offset_mapping"])
+    assert (ids == whole["input_ids"]) or straddles
+    return ids == whole["input_ids"]
+
+
+@pytest.mark.parametrize("name", REAL)
+@pytest.mark.parametrize("template", sorted(PUBLISHED) + ["plain", "auto"])
+def test_published_conversation_on_real_tokenizers(real_tokenizers, name, template):
+    tok = real_tokenizers[name]
+    messages = conv("What is this? <image>", "A cat.") if template == "plain" else \
+        conv("What is this? <image>", "A cat.", "Color?", "Black.")
+    whole = check_exact(template, messages, tok)
+    # the ids are the whole text's, except where the template's end-of-turn marker is plain text to this
+    # tokenizer and merges with what follows ("|><|" in "<|im_end|><|im_start|>" to GPT-2's BPE)
+    assert whole or len(tok(stop_string(template, tok), add_special_tokens=False)["input_ids"]) > 1
+    ids, labels = tokenize(template, messages, tok, 1)
+    assert ids[:len(bos_ids(tok))] == bos_ids(tok) or template == "auto"
+    trained = tok.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX], skip_special_tokens=False)
+    assert "A cat." in trained and "What" not in trained
+
+
+def test_llama_tokenizer_adds_bos_and_sentencepiece_word_marks(real_tokenizers):
+    tok = real_tokenizers["llama"]
+    ids, labels = tokenize("vicuna_v1", conv("Hi", "Hello there"), tok)
+    assert ids[0] == tok.bos_token_id == 1 and labels[0] == IGNORE_INDEX
+    first = labels.index(next(l for l in labels if l != IGNORE_INDEX))
+    # the reply's first token carries the space before it, as it does when the model generates it
+    assert tok.convert_ids_to_tokens(ids[first:first + 3]) == ["▁Hello", "▁there", "</s>"]
+
+
+def test_where_a_tokenizer_merges_across_a_reply_edge_the_text_is_cut_there(real_tokenizers):
+    """Documented exception to "the ids of the whole text": Qwen's pre-tokenizer keeps "\\n\\n" together, so a
+    reply that starts with a newline after ChatML's "assistant\\n" shares a token with the prompt. That token
+    can be neither trained nor untrained, so the text is cut at the edge and each side encoded alone."""
+    tok = real_tokenizers["qwen"]
+    messages = conv("Hi", "\nHello")
+    assert not check_exact("qwen2", messages, tok)
+    ids, labels = tokenize("qwen2", messages, tok)
+    whole = tok(render("qwen2", messages), add_special_tokens=False)["input_ids"]
+    nl, nlnl = tok.convert_tokens_to_ids(["Ċ", "ĊĊ"])
+    assert nlnl in whole and nlnl not in ids
+    k = ids.index(nl, ids.index(tok.convert_tokens_to_ids("assistant")))
+    assert (labels[k], labels[k + 1]) == (IGNORE_INDEX, nl)  # the prompt's "\n", then the reply's
+    # GPT-2 has no <|im_end|> token: "|><|" between turns is one pre-token, cut at the end of the reply
+    assert not check_exact("chatml_direct", conv("Hi", "Hello", "Again", "Bye"), real_tokenizers["gpt2"])
+    # the same conversations on tokenizers that keep the edges apart: the whole text's ids
+    assert check_exact("qwen2", messages, real_tokenizers["llama"])
+    assert check_exact("chatml_direct", conv("Hi", "Hello", "Again", "Bye"), tok)
+
+
+def test_auto_uses_the_tokenizers_own_template(real_tokenizers):
+    tok = real_tokenizers["smollm2"]  # its GGUF carries a ChatML template with a SmolLM system prompt
+    messages = conv("<image>\nWhat is this?", "A cat.", "Color?", "Black.")
+    chat = [{"role": ("user", "assistant")[i % 2], "content": m["value"]} for i, m in enumerate(messages)]
+    text = render("auto", messages, tok)
+    assert text == tok.apply_chat_template(chat, tokenize=False)
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert stop_string("auto", tok) == "<|im_end|>"
+    ids, labels = tokenize("auto", messages, tok)
+    runs = labelled_runs(ids, labels)
+    assert [tok.decode(r) for r in runs] == ["A cat.<|im_end|>", "Black.<|im_end|>"]
+    prompt = render("auto", conv("<image>\nWhat is this?"), tok)
+    assert prompt == tok.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
+
+
+def test_auto_with_a_jinja_vicuna_equals_vicuna_v1(real_tokenizers):
+    import copy
+    tok = copy.deepcopy(real_tokenizers["llama"])
+    tok.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}"
+        "{% else %}{% set system = '" + VICUNA_SYSTEM.replace("'", "\\'") + "' %}{% endif %}{{ system + ' ' }}"
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ' }}"
+        "{% else %}{{ 'ASSISTANT: ' + m['content'] + '</s>' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    for messages in (conv("What is this? <image>", "A cat.", "Color?", "Black."), conv("Hi", "Yo", system="Be brief.")):
+        auto_ids, auto_labels = tokenize("auto", messages, tok, 2)
+        ids, labels = tokenize("vicuna_v1", messages, tok, 2)
+        assert auto_ids == ids[1:] and auto_labels == labels[1:]  # the Jinja above writes no BOS
+
+
+@pytest.mark.parametrize("jinja, error", [
+    # a template that writes the last turn differently from earlier ones (as reasoning templates do)
+    ("{% for m in messages %}{% if loop.last %}[last]{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}",
+     "differently"),
+    ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] | upper + '\\n' }}{% endfor %}", "verbatim"),
+])
+def test_auto_refuses_a_template_it_cannot_mask_exactly(real_tokenizers, jinja, error):
+    import copy
+    tok = copy.deepcopy(real_tokenizers["gpt2"])
+    tok.chat_template = jinja
+    with pytest.raises(ValueError, match=error):
+        tokenize("auto", conv("Hi", "hello", "Again", "bye"), tok)
+
+
+# --- property-based: random conversations, every template x tokenizer ------------------------------------
+
+def clean(s):
+    return not any(t in s for t in SPECIAL)
+
+
+# control characters other than \t \n \r are left out: SmolLM2's vocabulary (from its GGUF) has no token for
+# some of them, so no text with them decodes back, whatever the chat template
+chars = st.one_of(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs", "Co", "Cn")),
+                  st.sampled_from([" ", "\n", "\t", "\r", ".", "é", "中", "🙂", "\u00a0"]))
+text = st.lists(st.one_of(chars, st.sampled_from(["  ", "\n\n", " \n", "ab", " the", "123"])), min_size=1,
+                max_size=8).map("".join).filter(clean)
+
+
+@st.composite
+def conversations(draw, template):
+    """LLaVA messages: 1-6 turns, unicode, stray whitespace, tiny replies, <image> anywhere in the first
+    question or no image at all, maybe a system prompt, maybe ending on a question."""
+    if template == "plain":
+        return conv(draw(st.sampled_from(["<image>", "<image>\n", "Describe <image>"])), draw(text))
+    n = draw(st.integers(1, 6))
+    values = [draw(text) for _ in range(2 * n - draw(st.integers(0, 1)))]
+    if draw(st.booleans()):
+        k = draw(st.integers(0, len(values[0])))
+        values[0] = values[0][:k] + "<image>" + values[0][k:]
+    system = draw(st.one_of(st.none(), text.filter(lambda s: not s[0].isspace())))
+    return conv(*values, system=system)
+
+
+@pytest.mark.parametrize("name", REAL)
+@pytest.mark.parametrize("template", sorted(PUBLISHED) + ["plain", "auto"])
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_random_conversations_are_masked_exactly(real_tokenizers, name, template, data):
+    messages = data.draw(conversations(template))
+    text = render(template, messages, real_tokenizers[name])
+    if text[0].isspace() and name == "llama":  # SentencePiece writes a leading space and none alike
+        return
+    check_exact(template, messages, real_tokenizers[name])

@@ -36,7 +36,8 @@ GOOD = {"id": "good", "image": "images/train_000000.png",
     ({"conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": 3}]}, "message 1"),
     ({"conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": None}]}, "message 1"),
     ({"conversations": []}, "conversations"),
-    ({"conversations": [{"from": "gpt", "value": "red"}, {"from": "human", "value": "<image>\nWhat?"}]}, "alternate"),
+    ({"conversations": [{"from": "gpt", "value": "red"}, {"from": "human", "value": "<image>\nWhat?"}]}, "turns must go"),
+    ({"conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": ""}]}, "is empty"),
     ({"image": ["a.png"]}, "file name"),
 ])
 def test_bad_record_error_names_the_record(shapes, tokenizer, tmp_path, bad, problem):
