@@ -7,8 +7,10 @@ Images enter the text as runs of `num_image_tokens` image-token ids (data.py exp
 the model only writes the projected patch features into the embeddings at those positions.
 
 A checkpoint folder holds config.json (this model's config under "model") and model.safetensors;
-`save` and `load` below read and write them and nothing else.
+`save` and `load` below read and write them and nothing else. `save_hf_llava` and `from_hf_llava`
+write and read the folder of transformers' LlavaForConditionalGeneration instead (export.py).
 """
+import copy
 import json
 import os
 import re
@@ -20,8 +22,10 @@ from safetensors.torch import load_model, save_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 IGNORE_INDEX = -100
-# Normalization of towers whose config dict does not say (a path's preprocessor_config.json does)
-DEFAULT_MEAN_STD = {"clip_vision_model": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])}
+# Normalization of towers whose config dict does not say (a path's preprocessor_config.json does); others 0.5
+IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+DEFAULT_MEAN_STD = {"clip_vision_model": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
+                    "dinov2": IMAGENET, "dinov2_with_registers": IMAGENET}
 
 
 def hf_config(spec):
@@ -31,20 +35,26 @@ def hf_config(spec):
 
 
 def read_mean_std(path):
-    """image_mean/std from a pretrained tower's preprocessor_config.json, if it has one."""
+    """image_mean/std from a pretrained folder's preprocessor_config.json (or, as transformers 5 writes
+    it, the image_processor of processor_config.json), if it has one."""
     from transformers.utils import cached_file
-    f = cached_file(path, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
-    if f is None:
-        return None, None
-    with open(f) as fh:
-        cfg = json.load(fh)
-    return cfg.get("image_mean"), cfg.get("image_std")
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        f = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
+        if f is not None:
+            with open(f) as fh:
+                cfg = json.load(fh)
+            cfg = cfg.get("image_processor", cfg)
+            if "image_mean" in cfg:
+                return cfg["image_mean"], cfg.get("image_std")
+    return None, None
 
 
 class VisionTower(nn.Module):
-    """Any Hugging Face vision encoder with patch outputs: a ViT (CLIP, SigLIP) or a conv net (ConvNeXt,
-    ResNet), whose [C, h, w] feature map gives h*w tokens. select_layer picks the hidden state (LLaVA
-    uses -2, the penultimate layer); select_feature is 'patch' (drop a ViT's CLS token) or 'cls_patch'."""
+    """Any Hugging Face vision encoder with patch outputs: a ViT (CLIP, SigLIP, DINOv2, ViT) or a conv net
+    (ConvNeXt, ResNet), whose [C, h, w] feature map gives h*w tokens. select_layer picks the hidden state
+    (LLaVA uses -2, the penultimate layer); select_feature is 'patch' (drop the tokens before the patches:
+    CLIP's CLS, DINOv2's CLS and registers) or 'cls_patch' (keep the CLS token, if there is one).
+    Frozen by default, as in LLaVA (no gradients, eval mode); train.py unfreezes it when asked."""
 
     def __init__(self, spec, select_layer=-2, select_feature="patch"):
         super().__init__()
@@ -59,16 +69,25 @@ class VisionTower(nn.Module):
         default_mean, default_std = DEFAULT_MEAN_STD.get(c.model_type, ([0.5] * 3, [0.5] * 3))
         self.image_mean, self.image_std = mean or default_mean, std or default_std
         self.image_size = c.image_size
-        self.num_patches = (c.image_size // c.patch_size) ** 2 if hasattr(c, "patch_size") else None
         if select_feature not in ("patch", "cls_patch"):
             raise ValueError(f"mm_vision_select_feature={select_feature!r}: use 'patch' or 'cls_patch'")
         self.select_layer, self.select_feature = select_layer, select_feature
         with torch.no_grad():  # the token count and width, whatever the architecture
-            _, self.num_tokens, self.hidden_size = self(torch.zeros(1, 3, self.image_size, self.image_size)).shape
+            h = self.hidden_state(torch.zeros(1, 3, self.image_size, self.image_size))
+        self.conv = h.dim() == 4  # a conv net's [N, C, h, w] feature map rather than a ViT's token sequence
+        self.num_patches = h.shape[2] * h.shape[3] if self.conv else (self.image_size // c.patch_size) ** 2
+        # tokens before the patches: 0 (SigLIP, conv nets), 1 (CLS: CLIP, ViT), 1 + registers (DINOv2)
+        self.num_prefix = 0 if self.conv else h.shape[1] - self.num_patches
+        _, self.num_tokens, self.hidden_size = self.select(h).shape
+        self.requires_grad_(False)
+        self.eval()
 
     @property
     def trainable(self):
         return any(p.requires_grad for p in self.parameters())
+
+    def train(self, mode=True):
+        return super().train(mode and self.trainable)  # a frozen tower stays in eval mode (dropout, BatchNorm)
 
     def spec(self):
         """The config dict that rebuilds this tower (with random weights)."""
@@ -78,27 +97,40 @@ class VisionTower(nn.Module):
         """Freeze the parameters that cannot reach the selected features (layers past select_layer, a
         pooling head): they would never get a gradient, and DDP insists that trainable ones do."""
         params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            return
         x = torch.zeros(1, 3, self.image_size, self.image_size, device=params[0].device, dtype=params[0].dtype)
         grads = torch.autograd.grad(self(x).sum(), params, allow_unused=True)
         for p, g in zip(params, grads):
             if g is None:
                 p.requires_grad_(False)
 
-    def forward(self, pixel_values):
-        h = self.encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states[self.select_layer]
+    def hidden_state(self, pixel_values):
+        return self.encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states[self.select_layer]
+
+    def select(self, h):
         if h.dim() == 4:  # a conv net's [N, C, h, w] map: each cell is a patch
             return h.flatten(2).transpose(1, 2)
-        n_extra = h.shape[1] - self.num_patches  # CLS (CLIP, ViT) or none (SigLIP)
-        return h[:, n_extra:] if self.select_feature == "patch" else h[:, max(n_extra - 1, 0):]
+        if self.select_feature == "cls_patch" and self.num_prefix:
+            return torch.cat([h[:, :1], h[:, self.num_prefix:]], 1)  # CLS first, registers dropped
+        return h[:, self.num_prefix:]
+
+    def forward(self, pixel_values):
+        return self.select(self.hidden_state(pixel_values))
 
 
 def build_projector(kind, d_in, d_out):
-    """LLaVA's names: 'linear', 'mlp2x_gelu' (Linear, GELU, Linear), 'mlp3x_gelu', ..."""
+    """LLaVA's names: 'linear', 'mlp2x_gelu' (Linear, GELU, Linear), 'mlp3x_gelu', ..., and 'identity'
+    (the features go in as they are: the tower's width must be the LLM's)."""
+    if kind == "identity":
+        if d_in != d_out:
+            raise ValueError(f"mm_projector_type='identity' needs the image features' width ({d_in}) to equal the LLM's ({d_out})")
+        return nn.Identity()
     if kind == "linear":
         return nn.Linear(d_in, d_out)
     m = re.fullmatch(r"mlp(\d+)x_gelu", kind)
     if not m:
-        raise ValueError(f"mm_projector_type={kind!r}: use 'linear' or 'mlp{{N}}x_gelu'")
+        raise ValueError(f"mm_projector_type={kind!r}: use 'linear', 'mlp{{N}}x_gelu' or 'identity'")
     layers = [nn.Linear(d_in, d_out)]
     for _ in range(int(m[1]) - 1):
         layers += [nn.GELU(), nn.Linear(d_out, d_out)]
@@ -130,6 +162,20 @@ def resize_embeddings(llm, vocab_size):
             emb.weight[old:] = emb.weight[:old].mean(0)
 
 
+def lm_head(llm, hidden):
+    """The LLM's output layer on some hidden states, with the scaling that a few families apply to its
+    logits in their own forward (which VLM.forward skips so as to run the head on labelled positions only)."""
+    logits = llm.get_output_embeddings()(hidden)
+    c = llm.config
+    if getattr(c, "logit_scale", None):  # Cohere
+        logits = logits * c.logit_scale
+    if getattr(c, "logits_scaling", None):  # Granite
+        logits = logits / c.logits_scaling
+    if getattr(c, "final_logit_softcapping", None):  # Gemma 2 and 3
+        logits = torch.tanh(logits / c.final_logit_softcapping) * c.final_logit_softcapping
+    return logits
+
+
 class VLM(nn.Module):
     """config: vision_tower, model_name_or_path (each a path or a config dict), mm_vision_select_layer,
     mm_vision_select_feature, mm_patch_merge, mm_projector_type, image_token_id, vocab_size (of the tokenizer)."""
@@ -159,7 +205,7 @@ class VLM(nn.Module):
         with torch.set_grad_enabled(tower.trainable and torch.is_grad_enabled()):
             feats = tower(pixel_values.to(next(tower.parameters()).dtype))
         feats = merge_patches(feats, self.patch_merge)
-        return self.mm_projector(feats.to(next(self.mm_projector.parameters()).dtype))
+        return self.mm_projector(feats.to(next(self.mm_projector.parameters(), feats).dtype))  # identity: no parameters
 
     def embed(self, input_ids, pixel_values=None):
         """Token embeddings with the image features written over the image-token positions."""
@@ -184,15 +230,16 @@ class VLM(nn.Module):
                                   position_ids=batch.get("position_ids"), use_cache=False)
         labels = batch["labels"][:, 1:]
         keep = labels != IGNORE_INDEX
-        logits = self.llm.get_output_embeddings()(out.last_hidden_state[:, :-1][keep])
+        logits = lm_head(self.llm, out.last_hidden_state[:, :-1][keep])
         return F.cross_entropy(logits.float(), labels[keep])
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens=64, temperature=0.0,
-                 top_p=1.0, stop_token_ids=(), generator=None):
+                 top_p=1.0, stop_token_ids=(), generator=None, stop_sequences=()):
         """Prompts left-padded in a batch -> [B, <=max_new_tokens] new tokens (with a KV cache).
-        temperature 0 is greedy; otherwise sample from the top_p nucleus. A finished row repeats its
-        stop token."""
+        temperature 0 is greedy; otherwise sample from the top_p nucleus. A row stops at any of
+        stop_token_ids (e.g. EOS) or when its new tokens end with one of stop_sequences (lists of ids,
+        e.g. a stop string that is several tokens); a finished row repeats its last token."""
         emb = self.embed(input_ids, pixel_values)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.llm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids,
@@ -206,6 +253,9 @@ class VLM(nn.Module):
             tok = torch.where(done, last, tok)
             new.append(tok)
             done |= torch.isin(tok, stop)
+            for seq in stop_sequences:
+                if len(new) >= len(seq):
+                    done |= (torch.stack(new[-len(seq):], 1) == torch.tensor(seq, device=tok.device)).all(1)
             last = tok
             if done.all():
                 break
@@ -227,6 +277,116 @@ def sample_next(logits, temperature, top_p, generator=None):
     return order.gather(-1, choice).squeeze(-1)
 
 
+# Hugging Face LLaVA ----------------------------------------------------------------------------------
+# transformers' LlavaForConditionalGeneration is this model with fewer choices: a ViT tower read at
+# hidden_states[vision_feature_layer] with or without its first token, a Linear-act-Linear projector,
+# and the LLM as a base model plus a bare lm_head. A model within those choices exports; so does one
+# with a linear projector (as Linear, identity, identity Linear). vLLM and others load the same folder.
+
+def hf_llava_config(model):
+    """The LlavaConfig of this model, or a ValueError that lists what Llava cannot represent."""
+    from transformers import LlavaConfig
+    c, tower, llm = model.config, model.vision_tower, model.llm
+    problems = []
+    if getattr(model, "region_sampler", None) is not None or c.get("region_sampler") or c.get("add_region_feature"):
+        problems.append("it has a region sampler (Ferret), which Llava does not")
+    if tower.conv:
+        problems.append(f"its tower ({tower.encoder.config.model_type}) is a conv net: Llava reads a ViT's token sequence")
+    elif tower.num_prefix > 1:
+        problems.append(f"its tower has {tower.num_prefix - 1} register tokens, which Llava would keep as image tokens")
+    if model.patch_merge != 1:
+        problems.append(f"mm_patch_merge={model.patch_merge}: Llava does not merge patches")
+    if c["mm_projector_type"] not in ("linear", "mlp2x_gelu"):
+        problems.append(f"mm_projector_type={c['mm_projector_type']!r}: Llava's projector is 'mlp2x_gelu' (or 'linear')")
+    for key, neutral in (("final_logit_softcapping", None), ("logit_scale", None), ("logits_scaling", 1.0)):
+        if getattr(llm.config, key, None) not in (None, neutral):
+            problems.append(f"its LLM sets {key}={getattr(llm.config, key)}, which Llava's plain lm_head would skip")
+    if problems:
+        raise ValueError("cannot export to transformers' LlavaForConditionalGeneration: " + "; ".join(problems))
+    text_config = copy.deepcopy(llm.config)
+    # Llava ties lm_head to `embed_tokens`, a name GPT-2 and OPT do not use: those export untied
+    text_config.tie_word_embeddings = bool(getattr(llm.config, "tie_word_embeddings", False)) and \
+        hasattr(llm.base_model, "embed_tokens")
+    drop_cls = tower.num_prefix == 1 and tower.select_feature == "patch"
+    return LlavaConfig(vision_config=copy.deepcopy(tower.encoder.config), text_config=text_config,
+                       image_token_index=model.image_token_id, image_seq_length=model.num_image_tokens,
+                       vision_feature_layer=tower.select_layer,
+                       vision_feature_select_strategy="default" if drop_cls else "full",  # 'default' drops the first token
+                       projector_hidden_act="linear" if c["mm_projector_type"] == "linear" else "gelu",
+                       multimodal_projector_bias=True, tie_word_embeddings=text_config.tie_word_embeddings)
+
+
+def save_hf_llava(model, path):
+    """Write config.json and model.safetensors of a LlavaForConditionalGeneration whose parts are this
+    model's parts (shared, not copied); transformers saves them under the names it loads."""
+    from transformers import LlavaForConditionalGeneration
+    config = hf_llava_config(model)
+    with torch.device("meta"):  # an empty shell: every part with weights is replaced below
+        hf = LlavaForConditionalGeneration(config)
+    hf.model.vision_tower, hf.model.language_model = model.vision_tower.encoder, model.llm.base_model
+    head = model.llm.get_output_embeddings()
+    tied_here = head.weight is model.llm.get_input_embeddings().weight
+    hf.lm_head = copy.deepcopy(head) if tied_here and not config.tie_word_embeddings else head  # untied: its own copy
+    proj = hf.model.multi_modal_projector
+    if isinstance(model.mm_projector, nn.Linear):
+        w = model.mm_projector.weight
+        proj.linear_1, proj.act = model.mm_projector, nn.Identity()
+        proj.linear_2 = nn.Linear(len(w), len(w), device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            proj.linear_2.weight.copy_(torch.eye(len(w))), proj.linear_2.bias.zero_()
+    else:
+        proj.linear_1, proj.linear_2 = model.mm_projector[0], model.mm_projector[2]
+    hf.save_pretrained(path)
+    return config
+
+
+def from_hf_llava(path):
+    """A VLM from a transformers LLaVA folder (what export.py writes, or e.g. llava-hf/llava-1.5-7b-hf
+    downloaded). Both models are in memory while the weights are copied."""
+    from transformers import LlavaForConditionalGeneration
+    hf = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    c = hf.config
+    if not isinstance(c.vision_feature_layer, int) or c.projector_hidden_act not in ("gelu", "linear") or \
+            not c.multimodal_projector_bias:
+        raise ValueError(f"{path}: vision_feature_layer={c.vision_feature_layer}, projector_hidden_act="
+                         f"{c.projector_hidden_act}, multimodal_projector_bias={c.multimodal_projector_bias}: glimpse "
+                         "reads one layer through a Linear-GELU-Linear projector with biases (or a linear one)")
+    v = c.vision_config
+    with torch.no_grad():  # how many tokens come before the patches (CLS, registers)?
+        x = torch.zeros(1, 3, v.image_size, v.image_size)
+        n = hf.model.vision_tower(x, output_hidden_states=True).hidden_states[c.vision_feature_layer].shape[1]
+    prefix = n - (v.image_size // v.patch_size) ** 2
+    if prefix > 1 or (prefix == 0 and c.vision_feature_select_strategy == "default"):
+        raise ValueError(f"{path}: vision_feature_select_strategy={c.vision_feature_select_strategy!r} with "
+                         f"{prefix} tokens before the patches is not one of glimpse's selections")
+    mean, std = read_mean_std(path)
+    model = VLM(dict(vision_tower={**v.to_dict(), "image_mean": mean, "image_std": std},
+                     model_name_or_path=c.text_config.to_dict(), mm_vision_select_layer=c.vision_feature_layer,
+                     mm_vision_select_feature="cls_patch" if prefix and c.vision_feature_select_strategy == "full" else "patch",
+                     mm_projector_type="linear" if c.projector_hidden_act == "linear" else "mlp2x_gelu",
+                     image_token_id=c.image_token_index, vocab_size=c.text_config.vocab_size))
+    proj = hf.model.multi_modal_projector
+    with torch.no_grad():
+        model.vision_tower.encoder.load_state_dict(hf.model.vision_tower.state_dict())
+        model.llm.base_model.load_state_dict(hf.model.language_model.state_dict())
+        model.llm.get_output_embeddings().load_state_dict(hf.lm_head.state_dict())
+        if c.projector_hidden_act == "linear":  # Linear, identity, Linear: one Linear
+            model.mm_projector.weight.copy_(proj.linear_2.weight @ proj.linear_1.weight)
+            model.mm_projector.bias.copy_(proj.linear_2(proj.linear_1.bias))
+        else:
+            model.mm_projector[0].load_state_dict(proj.linear_1.state_dict())
+            model.mm_projector[2].load_state_dict(proj.linear_2.state_dict())
+    return model
+
+
+def is_hf_llava(path):
+    cfg = os.path.join(path, "config.json")
+    if not os.path.exists(cfg):
+        return False
+    with open(cfg) as f:
+        return json.load(f).get("model_type") == "llava"
+
+
 def save(model, path, extra_config=None):
     """Write config.json and model.safetensors into the folder `path`."""
     os.makedirs(path, exist_ok=True)
@@ -243,7 +403,11 @@ def checkpoints(out_dir):
 
 
 def load(path, device="cpu"):
-    """Rebuild a VLM from config.json (random init) and load model.safetensors into it."""
+    """Rebuild a VLM from config.json (random init) and load model.safetensors into it. A transformers
+    LLaVA folder loads too (its config comes back under "hf_llava")."""
+    if is_hf_llava(path):
+        model = from_hf_llava(path)
+        return model.to(device), {"model": model.config, "hf_llava": str(path)}
     cfg_file, weights = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
     for f in (cfg_file, weights):
         if not os.path.exists(f):

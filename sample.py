@@ -31,10 +31,9 @@ def ask(model, tokenizer, template, image_args, images, questions, max_new_token
     pixels = [load_image(img, *image_args) for img in images if img]
     pixel_values = torch.stack(pixels).to(device) if pixels else None
     stop = stop_string(template, tokenizer)
-    stop_id = tokenizer(stop, add_special_tokens=False)["input_ids"]  # a one-token marker ends generation early;
-    stop_ids = {tokenizer.eos_token_id} | set(stop_id if len(stop_id) == 1 else [])  # a longer one is cut below
+    stop_seq = tokenizer(stop, add_special_tokens=False)["input_ids"]  # "</s>" is 3 tokens to GPT-2, 1 to Llama
     new = model.generate(input_ids.to(device), attention_mask.to(device), pixel_values, max_new_tokens,
-                         temperature, top_p, stop_ids, generator)
+                         temperature, top_p, {tokenizer.eos_token_id}, generator, stop_sequences=[stop_seq])
     texts = tokenizer.batch_decode(new.tolist(), skip_special_tokens=True)
     return [t.split(stop)[0].strip() for t in texts]
 
@@ -53,7 +52,8 @@ if __name__ == "__main__":
     model, config = load(ckpt, args["device"])
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    train = config["train"]
-    answer = ask(model, tokenizer, chat_template(train["version"]), image_args(model, train), [args["image"] or None], [args["prompt"]],
+    train = config.get("train", {})  # a Hugging Face LLaVA folder has no run config: its own chat template
+    template = chat_template(train["version"]) if "version" in train else "auto" if tokenizer.chat_template else "vicuna_v1"
+    answer = ask(model, tokenizer, template, image_args(model, train), [args["image"] or None], [args["prompt"]],
                  args["max_new_tokens"], args["temperature"], args["top_p"], torch.Generator(args["device"]).manual_seed(args["seed"]))
     print(answer[0])

@@ -31,7 +31,8 @@ from model import VLM, checkpoints, load, save
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "out-shapes"
-init_from = "scratch"  # 'scratch', 'resume' (newest checkpoint in out_dir), or a glimpse checkpoint / out_dir
+init_from = "scratch"  # 'scratch', 'resume' (newest checkpoint in out_dir), a glimpse checkpoint / out_dir, or a
+# Hugging Face LLaVA folder (export.py's, or e.g. llava-hf/llava-1.5-7b-hf downloaded): weights and tokenizer from it
 eval_interval = 700  # optimizer steps between val losses and checkpoints
 log_interval = 50
 eval_iters = 10  # val batches per val loss

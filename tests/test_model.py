@@ -13,6 +13,27 @@ from data import SupervisedDataset, collate
 from model import VLM, VisionTower, build_projector, hf_config, load, resize_embeddings, save
 
 SIGLIP = dict(TINY_TOWER, model_type="siglip_vision_model")
+# One tiny random config per family (32-pixel images in 8-pixel patches: 16 patches), with the number of
+# tokens each puts before its patches: CLS, or CLS and registers (DINOv2), or none (SigLIP)
+DINOV2 = dict(model_type="dinov2", hidden_size=32, mlp_ratio=2, num_hidden_layers=1, num_attention_heads=2,
+              image_size=32, patch_size=8)
+TOWERS = {"clip": (TINY_TOWER, 1), "siglip": (SIGLIP, 0), "dinov2": (DINOV2, 1),
+          "dinov2_registers": (dict(DINOV2, model_type="dinov2_with_registers", num_register_tokens=2), 3),
+          "vit": (dict(TINY_TOWER, model_type="vit"), 1)}
+TINY_GPT2 = dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=512, initializer_range=0.3)
+_DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+LLMS = {
+    "llama": TINY_LLM,  # tied embeddings
+    "qwen2": dict(_DECODER, model_type="qwen2"),
+    "mistral": dict(_DECODER, model_type="mistral", head_dim=16),
+    "gemma": dict(_DECODER, model_type="gemma", head_dim=16),  # embeddings scaled by sqrt(width), tied
+    "gemma2": dict(_DECODER, model_type="gemma2", head_dim=16, final_logit_softcapping=5.0),  # capped logits
+    "gpt2": TINY_GPT2,  # absolute positions, tied, no embed_tokens
+    "opt": dict(model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                word_embed_proj_dim=32),
+    "cohere": dict(_DECODER, model_type="cohere", logit_scale=4.0),  # logits scaled after the head
+    "granite": dict(_DECODER, model_type="granite", logits_scaling=0.25),
+}
 
 
 def make_model(tokenizer, seed=0, **overrides):
@@ -38,19 +59,21 @@ def get_batch(shapes, tokenizer, model, n=4, start=0):
 
 # towers and projectors ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec, has_cls, feature", [
-    (TINY_TOWER, True, "patch"), (TINY_TOWER, True, "cls_patch"), (SIGLIP, False, "patch"),
-    (SIGLIP, False, "cls_patch")])  # no CLS to keep: the patches
+@pytest.mark.parametrize("family", list(TOWERS))
+@pytest.mark.parametrize("feature", ["patch", "cls_patch"])
 @pytest.mark.parametrize("layer", [-1, -2])
-def test_tower_gives_num_tokens_features(spec, has_cls, feature, layer):
+def test_tower_gives_num_tokens_features(family, feature, layer):
+    spec, n_prefix = TOWERS[family]
     torch.manual_seed(0)
     tower = VisionTower(spec, layer, feature).eval()
     x = torch.randn(2, 3, 32, 32)
     out = tower(x)
-    assert tower.num_patches == 16
+    assert tower.num_patches == 16 and tower.num_prefix == n_prefix
     assert out.shape == (2, tower.num_tokens, 32)
     hidden = tower.encoder(pixel_values=x, output_hidden_states=True).hidden_states[layer]
-    expected = hidden[:, 1:] if has_cls and feature == "patch" else hidden
+    assert hidden.shape[1] == 16 + n_prefix
+    # 'patch': the patches only; 'cls_patch': the CLS token (the first) and the patches, never registers
+    expected = hidden[:, n_prefix:] if feature == "patch" or not n_prefix else torch.cat([hidden[:, :1], hidden[:, n_prefix:]], 1)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
@@ -59,8 +82,31 @@ def test_tower_token_counts():
     assert VisionTower(TINY_TOWER, -2, "cls_patch").num_tokens == 17
     assert VisionTower(SIGLIP, -2, "patch").num_tokens == 16
     assert VisionTower(SIGLIP, -2, "cls_patch").num_tokens == 16  # SigLIP has no CLS token
+    registers = TOWERS["dinov2_registers"][0]
+    assert VisionTower(registers, -2, "patch").num_tokens == 16
+    assert VisionTower(registers, -2, "cls_patch").num_tokens == 17
     with pytest.raises(ValueError, match="select_feature"):
         VisionTower(TINY_TOWER, -2, "cls")
+
+
+def test_tower_is_frozen_by_default_and_trainable_on_request(shapes, tokenizer):
+    model = make_model(tokenizer, seed=5, vision_tower=dict(TINY_TOWER, attention_dropout=0.5)).train()
+    tower = model.vision_tower
+    assert not tower.trainable and not tower.training and model.llm.training  # LLaVA's default: frozen, eval mode
+    batch = get_batch(shapes, tokenizer, model, n=2)
+    with torch.no_grad():
+        first = tower(batch["pixel_values"])
+    assert not tower(batch["pixel_values"]).requires_grad  # no autograd graph through a frozen tower
+    torch.testing.assert_close(tower(batch["pixel_values"]), first, rtol=0, atol=0)  # no dropout
+    model(batch).backward()
+    assert all(p.grad is None for p in tower.parameters()) and model.mm_projector[0].weight.grad is not None
+    tower.requires_grad_(True)
+    model.train()
+    assert tower.trainable and tower.training
+    assert tower(batch["pixel_values"]).requires_grad
+    # the image size and normalization come from the tower's own config
+    assert (tower.image_size, tower.image_mean) == (32, pytest.approx([0.48145466, 0.4578275, 0.40821073]))
+    assert VisionTower(DINOV2).image_mean == [0.485, 0.456, 0.406]
 
 
 def test_tower_normalization_defaults_and_overrides():
@@ -90,6 +136,12 @@ def test_projector_types(kind, n_linear):
         build_projector("mlp2x_relu", 12, 20)
 
 
+def test_identity_projector():
+    assert isinstance(build_projector("identity", 20, 20), torch.nn.Identity)
+    with pytest.raises(ValueError, match="identity"):
+        build_projector("identity", 12, 20)
+
+
 # the loss and image placement --------------------------------------------------------------------------
 
 def manual_embed(model, input_ids, pixel_values):
@@ -115,7 +167,7 @@ def reference_loss(model, batch):
                            ignore_index=-100)
 
 
-@pytest.mark.parametrize("projector", ["linear", "mlp2x_gelu"])
+@pytest.mark.parametrize("projector", ["linear", "mlp2x_gelu", "identity"])
 @pytest.mark.parametrize("feature", ["patch", "cls_patch"])
 def test_loss_equals_full_logits_reference(shapes, tokenizer, projector, feature):
     model = make_model(tokenizer, seed=1, mm_projector_type=projector, mm_vision_select_feature=feature)
@@ -125,6 +177,18 @@ def test_loss_equals_full_logits_reference(shapes, tokenizer, projector, feature
         loss = model(batch)
         ref = reference_loss(model, batch)
     assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(LLMS))
+def test_loss_equals_full_logits_reference_for_each_llm(shapes, tokenizer, family):
+    """The LM head on labelled positions only, against the family's own forward over all positions (which
+    applies Gemma 2's logit softcapping, Cohere's logit_scale, Granite's logits_scaling)."""
+    model = make_model(tokenizer, seed=6, model_name_or_path={**LLMS[family], "initializer_range": 0.2})
+    batch = get_batch(shapes, tokenizer, model, n=3)
+    with torch.no_grad():
+        loss = model(batch)
+        ref = reference_loss(model, batch)
     torch.testing.assert_close(loss, ref, rtol=0, atol=1e-5)
 
 
@@ -141,7 +205,9 @@ def test_embed_writes_features_at_image_positions(shapes, tokenizer, model):
 
 
 def test_pixels_change_the_loss_and_gradients_reach_the_tower(shapes, tokenizer):
-    model = make_model(tokenizer, seed=2).train()
+    model = make_model(tokenizer, seed=2)
+    model.vision_tower.requires_grad_(True)
+    model.train()
     model.vision_tower.freeze_unused()  # the post-layernorm cannot reach hidden_states[-1]
     assert sum(p.requires_grad for p in model.vision_tower.parameters()) > 10
     assert not model.vision_tower.encoder.post_layernorm.weight.requires_grad
@@ -193,15 +259,15 @@ def greedy_without_cache(model, ids, pixels, n):
     return out
 
 
-TINY_GPT2 = dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=512, initializer_range=0.3)
-
-
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "opt", "gemma2"])
 def gen_model(tokenizer, request):
-    """Llama (rotary positions, which a constant shift leaves unchanged) and GPT-2 (absolute positions,
-    so the position ids of left-padded rows must be right). A larger init than the default 0.02 makes
-    the logits of a random model depend on the context, so position or cache mistakes change the tokens."""
-    llm = {"llama": {**TINY_LLM, "initializer_range": 0.3}, "gpt2": TINY_GPT2}[request.param]
+    """Llama (rotary positions, which a constant shift leaves unchanged), GPT-2 and OPT (absolute positions,
+    so the position ids of left-padded rows must be right; OPT's own are offset) and Gemma 2 (sliding
+    window, capped logits). A larger init than the default 0.02 makes the logits of a random model depend
+    on the context, so position or cache mistakes change the tokens."""
+    llm = {**LLMS[request.param], "initializer_range": 0.3}
+    if request.param == "gemma2":  # untied: Gemma's scaled, tied embeddings make a random model repeat its input
+        llm.update(tie_word_embeddings=False, sliding_window=16)  # and a window shorter than the prompts
     return make_model(tokenizer, seed=3, model_name_or_path=llm)
 
 
@@ -241,6 +307,25 @@ def test_generate_stops_and_repeats_the_stop_token(shapes, tokenizer, gen_model)
     out = gen_model.generate(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), pixels[:1], max_new_tokens=8,
                              stop_token_ids={stop})[0]
     assert out.tolist() == free[:first + 1].tolist()  # a single row stops right after its stop token
+
+
+@torch.no_grad()
+def test_generate_stops_at_a_stop_sequence(shapes, tokenizer, gen_model):
+    ids, pixels = prompts(shapes, tokenizer, gen_model, 2)
+    T = max(map(len, ids))
+    input_ids = torch.full((2, T), tokenizer.pad_token_id)
+    mask = torch.zeros_like(input_ids)
+    for i, p in enumerate(ids):
+        input_ids[i, T - len(p):], mask[i, T - len(p):] = torch.tensor(p), 1
+    free = gen_model.generate(input_ids, mask, pixels, max_new_tokens=10)
+    seq = free[0, 3:5].tolist()  # a stop string of two tokens, as row 0 writes it at steps 4 and 5
+    out = gen_model.generate(input_ids, mask, pixels, max_new_tokens=10, stop_sequences=[seq])
+    first = next(i for i in range(1, 10) if free[0, i - 1:i + 1].tolist() == seq)
+    assert out[0, :first + 1].tolist() == free[0, :first + 1].tolist()
+    assert (out[0, first + 1:] == out[0, first]).all()  # then repeats its last token
+    rows_end = [next((i for i in range(1, 10) if free[r, i - 1:i + 1].tolist() == seq), 9) for r in range(2)]
+    assert out.shape[1] == max(rows_end) + 1  # generation ends when every row has stopped
+    assert out[1, :rows_end[1] + 1].tolist() == free[1, :rows_end[1] + 1].tolist()
 
 
 def test_sampling_is_reproducible_with_a_generator(shapes, tokenizer, gen_model):
@@ -283,6 +368,39 @@ def test_save_load_round_trip(shapes, tokenizer, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(batch), loaded.eval()(batch))
     assert loaded.llm.get_input_embeddings().weight.data_ptr() == loaded.llm.get_output_embeddings().weight.data_ptr()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "gpt2", "opt"])
+def test_new_tokens_start_at_the_mean_and_tied_embeddings_stay_tied(tokenizer, family):
+    """A pretrained LLM's vocabulary grown to the tokenizer's (with <image> and the like added)."""
+    torch.manual_seed(0)
+    llm = AutoModelForCausalLM.from_config(hf_config({**LLMS[family], "vocab_size": len(tokenizer) - 5}))
+    tied = llm.get_input_embeddings().weight is llm.get_output_embeddings().weight
+    assert tied == (family != "qwen2")
+    old_in = llm.get_input_embeddings().weight.detach().clone()
+    old_out = llm.get_output_embeddings().weight.detach().clone()
+    resize_embeddings(llm, len(tokenizer))
+    new_in, new_out = llm.get_input_embeddings().weight, llm.get_output_embeddings().weight
+    assert new_in.shape[0] == new_out.shape[0] == len(tokenizer) == llm.config.vocab_size
+    assert (new_in is new_out) == tied
+    assert torch.equal(new_in[:-5], old_in) and torch.equal(new_out[:-5], old_out)
+    torch.testing.assert_close(new_in[-5:], old_in.mean(0).expand(5, -1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(new_out[-5:], old_out.mean(0).expand(5, -1), rtol=0, atol=1e-6)
+
+
+def test_checkpoint_loads_with_safetensors_alone(tokenizer, tmp_path):
+    """No pickle: model.safetensors holds every tensor of the model (a tied one once)."""
+    from safetensors.torch import load_file
+    model = make_model(tokenizer, seed=7)
+    save(model, tmp_path / "ckpt")
+    tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
+    state = model.state_dict()
+    missing = set(state) - set(tensors)
+    assert set(tensors) <= set(state) and len(missing) == 1 and missing < {"llm.lm_head.weight", "llm.model.embed_tokens.weight"}
+    assert all(torch.equal(tensors[k], state[k]) for k in tensors)
+    fresh = make_model(tokenizer, seed=8)
+    fresh.load_state_dict(tensors, strict=False)
+    assert all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())
 
 
 def test_load_errors_are_clear(tokenizer, tmp_path):
@@ -336,7 +454,7 @@ def test_conv_tower_turns_its_feature_map_into_tokens():
     tower = VisionTower(CONVNEXT, -1, "patch").eval()
     x = torch.randn(2, 3, 32, 32)
     fmap = tower.encoder(pixel_values=x, output_hidden_states=True).hidden_states[-1]  # [2, 16, 8, 8]
-    assert fmap.shape == (2, 16, 8, 8) and tower.num_tokens == 64 and tower.hidden_size == 16
+    assert fmap.shape == (2, 16, 8, 8) and tower.num_tokens == tower.num_patches == 64 and tower.hidden_size == 16
     out = tower(x)
     # token i is the cell (row i // 8, column i % 8), read left to right, top to bottom
     torch.testing.assert_close(out[:, 8 * 3 + 5], fmap[:, :, 3, 5], rtol=0, atol=0)

@@ -1,0 +1,107 @@
+"""
+Export a trained model as a Hugging Face LLaVA folder, which transformers (and from there vLLM and
+others) loads without glimpse:
+
+    python export.py --out_dir=out-llava --hf_dir=llava-hf     # the newest checkpoint of out_dir
+    python export.py --ckpt=out-llava/ckpt-0005000 --hf_dir=llava-hf --dtype=bfloat16
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    model = LlavaForConditionalGeneration.from_pretrained("llava-hf")
+    processor = AutoProcessor.from_pretrained("llava-hf")
+
+The folder holds config.json and model.safetensors (model.save_hf_llava), the tokenizer, the image
+processor settings that redo data.load_image, and the run's chat template as Jinja. A model that Llava
+cannot represent (a conv tower, merged patches, a projector other than 'mlp2x_gelu' or 'linear', a
+region sampler, ...) is refused with the reason. `init_from=<folder>` in train.py reads it back.
+"""
+import json
+import sys
+
+import torch
+
+import configurator
+from conversation import chat_template, get_template, stop_string
+from model import checkpoints, load, save_hf_llava
+
+
+def image_processor(mode, size, mean, std):
+    """transformers' LLaVA image processor set to redo data.load_image. With its PIL backend it gives the
+    same pixels for 'pad' (pad to a square with the mean color, then resize) and 'square_nocrop'; for
+    'crop' it rounds the resized long side down where glimpse rounds it to nearest, so the crop can sit a
+    pixel apart. Its torchvision backend (the default where torchvision is installed) resizes with a
+    slightly different bicubic filter."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    square = {"height": size, "width": size}
+    resize = {"shortest_edge": size} if mode == "crop" else square
+    return LlavaImageProcessorPil(do_pad=mode == "pad", size=resize, do_center_crop=mode == "crop", crop_size=square,
+                                  resample=3, image_mean=list(mean), image_std=list(std))  # 3: bicubic, as load_image
+
+
+def jinja_chat_template(name, tokenizer=None):
+    """The chat template `name` of conversation.py as Jinja, for apply_chat_template: the same text as
+    conversation.render for Hugging Face messages ({"role", "content": str or [{"type": "image"},
+    {"type": "text", "text": ...}]}); add_generation_prompt ends with the assistant's cue. 'auto' is the
+    tokenizer's own template. None where there is no Jinja version yet (styles other than these)."""
+    t = get_template(name)
+    if t["style"] == "auto":
+        return tokenizer.chat_template
+    q = json.dumps  # a JSON string is a Jinja string literal
+    # a message's text, with an image part written as <image>
+    flat = ("{%- macro flat(c) -%}{%- if c is string -%}{{ c }}{%- else -%}{%- for p in c -%}"
+            "{{ '<image>' if p.type == 'image' else (p.text if p.type == 'text' else '') }}{%- endfor -%}{%- endif -%}{%- endmacro -%}")
+    if t["style"] == "plain":  # the image alone, then the caption
+        return flat + ("{%- for m in messages -%}{%- if m.role == 'user' -%}{{ '<image>' }}{%- elif m.role == 'assistant' -%}"
+                       "{{ flat(m.content) + " + q(t["sep"]) + " }}{%- endif -%}{%- endfor -%}")
+    if t["style"] != "two":
+        return None
+    user, assistant = t["roles"]
+    # LLaVA moves a message's one image to its front: '<image>\n' + the rest, stripped
+    image_first = ("{%- macro user(c) -%}{%- set s = flat(c) -%}{%- if s.count('<image>') == 1 -%}"
+                   "{{ ('<image>\n' + s.replace('<image>', '') | trim) | trim }}{%- else -%}{{ s }}{%- endif -%}{%- endmacro -%}")
+    return flat + image_first + (
+        "{%- set ns = namespace(system=" + q(t["system"]) + ", first=true) -%}"
+        "{%- for m in messages -%}"
+        "{%- if m.role == 'system' -%}{%- set ns.system = flat(m.content) -%}"
+        "{%- elif m.role == 'user' -%}{{ (ns.system + " + q(t["sep"]) + " if ns.first else '') + " + q(user + ": ") +
+        " + user(m.content) + " + q(t["sep"]) + " }}{%- set ns.first = false -%}"
+        "{%- else -%}{{ " + q(assistant + ": ") + " + flat(m.content) + " + q(t["sep2"]) + " }}{%- endif -%}"
+        "{%- endfor -%}{%- if add_generation_prompt -%}{{ " + q(assistant + ":") + " }}{%- endif -%}")
+
+
+def export(ckpt, hf_dir, dtype="float32"):
+    """A glimpse checkpoint folder -> a transformers LLaVA folder. Returns the LlavaConfig."""
+    from transformers import AutoTokenizer, GenerationConfig, LlavaProcessor
+    model, config = load(ckpt)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    train = config.get("train", {})
+    template = chat_template(train.get("version", "vicuna_v1"))
+    model.to({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
+    llava = save_hf_llava(model, hf_dir)  # refuses first, before anything else is written
+    t = model.vision_tower
+    tokenizer.chat_template = jinja_chat_template(template, tokenizer)
+    if tokenizer.chat_template is None:
+        print(f"note: chat template {template!r} has no Jinja version yet: the folder has no chat template")
+    processor = LlavaProcessor(image_processor(train.get("image_aspect_ratio", "pad"), t.image_size, t.image_mean, t.image_std),
+                               tokenizer, patch_size=t.encoder.config.patch_size, chat_template=tokenizer.chat_template,
+                               vision_feature_select_strategy=llava.vision_feature_select_strategy,
+                               num_additional_image_tokens=t.num_prefix, image_token="<image>")
+    processor.save_pretrained(hf_dir)
+    processor.image_processor.save_pretrained(hf_dir)  # also alone (preprocessor_config.json), for older loaders
+    # generate() stops at EOS and at the template's stop string when that is a single token
+    stop = tokenizer(stop_string(template, tokenizer), add_special_tokens=False)["input_ids"]
+    eos = sorted(i for i in {tokenizer.eos_token_id, *(stop if len(stop) == 1 else [])} if i is not None)
+    generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    generation.save_pretrained(hf_dir)
+    return llava
+
+
+if __name__ == "__main__":
+    args = configurator.configure(dict(out_dir="out-shapes", ckpt="", hf_dir="", dtype="float32"), sys.argv[1:])
+    ckpt = args["ckpt"] or (checkpoints(args["out_dir"]) or [None])[-1]
+    if ckpt is None or not args["hf_dir"]:
+        sys.exit(f"usage: python export.py --out_dir=<a run's out_dir> --hf_dir=<new folder> (no checkpoint in {args['out_dir']}?)")
+    try:
+        export(ckpt, args["hf_dir"], args["dtype"])
+    except ValueError as e:
+        sys.exit(f"{ckpt}: {e}")
+    print(f"wrote {args['hf_dir']}: LlavaForConditionalGeneration.from_pretrained and AutoProcessor.from_pretrained load it")
