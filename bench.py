@@ -135,6 +135,104 @@ def _loss_memory_run(full, T, d, V, labelled, seed, queue):
     queue.put((peak - base, seconds, int((inputs[1] != -100).sum()), device))
 
 
+def write_synthetic_shards(path, n, image, seed=0, tokens=(100, 800), vocab=32000):
+    """Shards as data.preprocess writes them, for n records of random ids (an image each, all the same
+    file): preprocessing a million records would take the benchmark's whole time."""
+    import json
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(*tokens, n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    os.makedirs(path, exist_ok=True)
+    rng.integers(10, vocab, offsets[-1], dtype=np.int32).tofile(os.path.join(path, "ids.bin"))
+    (rng.random(offsets[-1]) < 0.3).astype(np.uint8).tofile(os.path.join(path, "trained.bin"))
+    np.save(os.path.join(path, "offsets.npy"), offsets.astype(np.int64))
+    np.save(os.path.join(path, "lengths.npy"), lengths.astype(np.int32))
+    np.save(os.path.join(path, "sources.npy"), np.zeros(n, np.int16))
+    np.save(os.path.join(path, "image_index.npy"), np.arange(n + 1, dtype=np.int64))
+    np.save(os.path.join(path, "images.npy"), np.full(n, image.encode()))
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump({"format": 1, "num_image_tokens": 1, "image_token_id": 5, "skipped": 0, "sources": [{}]}, f)
+
+
+def worker_memory():
+    """This process's memory now, in MiB: resident; anonymous (its heap: Python objects, and the pages it
+    copied from its parent on write); resident file pages (mapped shards and libraries: page cache, shared
+    and reclaimable, which the kernel may map in large folios, so it grows with the pages touched)."""
+    fields = {}
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                fields[parts[0].rstrip(":")] = int(parts[1]) / 1024
+    return fields.get("Rss", 0), fields.get("Anonymous", 0), fields.get("Rss", 0) - fields.get("Anonymous", 0)
+
+
+def bench_data_memory(sizes=(10_000, 1_000_000), batches=300, batch=8, workers=2):
+    """Memory of a DataLoader worker over `batches` random batches (images decoded in the workers), for
+    10K and 1M records: from glimpse's memory-mapped shards, and from a list of LLaVA record dicts (the
+    JSON held in memory, as LLaVA's LazySupervisedDataset holds it in every worker)."""
+    import gc
+    import tempfile
+    import numpy as np
+    import torch
+    from PIL import Image
+    from data import ShardDataset, load_image
+
+    class Measured(torch.utils.data.Dataset):  # a sample carries its worker's memory figures
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            if not hasattr(self, "collected"):  # a full garbage collection, as a long run has now and then: it
+                gc.collect()  # writes to every Python object, so the worker's copy-on-write pages become its own
+                self.collected = True
+            self.inner[i]
+            return worker_memory()
+
+    class LLaVAStyle(torch.utils.data.Dataset):  # records as Python dicts, conversations read per sample
+        def __init__(self, records, image):
+            self.records, self.image = records, image
+
+        def __len__(self):
+            return len(self.records)
+
+        def __getitem__(self, i):
+            r = self.records[i]
+            text = "".join(m["value"] for m in r["conversations"])
+            return len(text), load_image(self.image, "pad", 336, [0.5] * 3, [0.5] * 3)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        image = os.path.join(tmp, "img.jpg")
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(image)
+        print(f"{workers} workers, {batches} random batches of {batch}; MiB per worker at the end "
+              "(resident = anonymous + file pages; anonymous is what the worker cannot give back)")
+        print("| records | dataset | worker resident | worker anonymous | worker file pages | parent resident |")
+        print("|---|---|---|---|---|---|")
+        for n in sizes:
+            path = os.path.join(tmp, f"shards{n}")
+            write_synthetic_shards(path, n, image)
+
+            def llava_style():  # built only when measured: the workers fork from a parent that holds it
+                words = "the a red blue cat dog on table is what where".split()
+                rng = np.random.default_rng(1)
+                return LLaVAStyle([{"id": str(i), "image": "img.jpg", "conversations": [
+                    {"from": "human", "value": "<image>\n" + " ".join(rng.choice(words, 12))},
+                    {"from": "gpt", "value": " ".join(rng.choice(words, 60))}]} for i in range(n)], image)
+            for name, make in (("shards", lambda: ShardDataset(path, 336, [0.5] * 3, [0.5] * 3)), ("LLaVA-style dicts", llava_style)):
+                ds = make()
+                sampler = torch.utils.data.RandomSampler(range(n), num_samples=batches * batch, generator=torch.Generator().manual_seed(seed))
+                loader = torch.utils.data.DataLoader(Measured(ds), batch_size=batch, sampler=sampler, num_workers=workers,
+                                                     collate_fn=lambda s: s[-1])
+                last = [m for m in loader][-workers:]
+                rss, anon, files = (max(m[k] for m in last) for k in range(3))
+                print(f"| {n:,} | {name} | {rss:.0f} | {anon:.0f} | {files:.0f} | {worker_memory()[0]:.0f} |")
+                del ds, loader
+
+
 def bench_loss_memory(T=2048, labelled=0.25, shapes=((4096, 32000), (896, 151936))):
     """Peak memory and time of the loss (forward + backward through the LM head) for one sequence of T
     tokens of which a fraction `labelled` is trained, at the LM widths and vocabularies of `shapes`
@@ -154,6 +252,77 @@ def bench_loss_memory(T=2048, labelled=0.25, shapes=((4096, 32000), (896, 151936
               f"all positions {m1 / 2**20:,.0f} MiB {s1:.2f}s | memory / {m1 / m0:.1f}, time / {s1 / s0:.1f} "
               f"(both include the head's weight gradient, {d * V * 4 / 2**20:,.0f} MiB in fp32; "
               f"the full logits alone are {(T - 1) * V * 4 / 2**20:,.0f} MiB)")
+
+
+def _lora_memory_run(mode, llm, r, T, seed, queue):
+    """One train step (forward, backward, AdamW step) in a fresh process: the LLM trained fully ('full'), or
+    frozen under LoRA adapters on all its Linears ('lora'), its base kept in bf16 ('lora_bf16'); the
+    projector trains in all three. Sends (bytes of weights, of trainable weights, of gradients, of AdamW
+    state, peak over the process before the model, seconds, device)."""
+    import resource
+
+    import torch
+
+    from lora import apply_lora, find_targets
+    from model import VLM
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # noqa: E731
+    base = torch.cuda.memory_allocated() if cuda else rss()
+    torch.manual_seed(seed)
+    tower = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=2, image_size=32, patch_size=8)  # tiny: the LLM is what is measured
+    model = VLM(dict(vision_tower=tower, model_name_or_path=llm, mm_vision_select_layer=-1, mm_vision_select_feature="patch",
+                     mm_projector_type="mlp2x_gelu", image_token_id=0, vocab_size=llm["vocab_size"]))
+    model.requires_grad_(False)
+    model.mm_projector.requires_grad_(True)
+    if mode == "full":
+        model.llm.requires_grad_(True)
+    else:  # new adapters are trainable, their bases frozen
+        apply_lora(model, find_targets(model), r, 2 * r, 0.05, base_dtype=torch.bfloat16 if mode == "lora_bf16" else None)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(T):
+        ids = torch.randint(1, llm["vocab_size"], (1, T), device=device)
+        model(dict(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids))).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as between a run's steps
+        if cuda:
+            torch.cuda.synchronize()
+
+    step(16)  # warm-up: kernels, and the gradients and AdamW state come to exist
+    t0 = time.time()
+    step(T)
+    seconds = time.time() - t0
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    state = [t for s in optimizer.state.values() for t in s.values() if t.dim()]
+    queue.put((nbytes(model.parameters()), nbytes(params), nbytes(p.grad for p in params), nbytes(state), peak - base,
+               seconds, device))
+
+
+def bench_lora_memory(r=32, T=256):
+    """Memory of one train step of a 0.22B Llama (1024 wide, 12 layers, vocab 32000, untied) with a tiny tower:
+    full finetune of the LLM vs LoRA r on all its Linears (r / width = 1/32, as LLaVA's r=128 on a 4096-wide
+    7B) vs the same with the frozen base in bf16. Each in a fresh process; on a GPU, max_memory_allocated."""
+    import multiprocessing
+    llm = dict(model_type="llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
+               num_key_value_heads=16, max_position_embeddings=2048, vocab_size=32000, tie_word_embeddings=False)
+    ctx = multiprocessing.get_context("spawn")
+    print(f"one sequence of {T} tokens; MiB")
+    print("| mode | weights | trainable | gradients | AdamW state | peak of the step (process) | step time |")
+    print("|---|---|---|---|---|---|---|")
+    for mode in ("full", "lora", "lora_bf16"):
+        queue = ctx.Queue()
+        p = ctx.Process(target=_lora_memory_run, args=(mode, llm, r, T, seed, queue))
+        p.start()
+        weights, trainable, grads, state, peak, seconds, device = queue.get()
+        p.join()
+        mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
+        print(f"| {mode if mode == 'full' else f'{mode} r={r}'} | {mib(weights)} | {mib(trainable)} | {mib(grads)} | "
+              f"{mib(state)} | {mib(peak)} | {seconds:.1f} s ({device}) |")
 
 
 if __name__ == "__main__":

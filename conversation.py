@@ -95,7 +95,7 @@ def check_messages(messages):
         if m["from"] != ("human", "gpt")[i % 2]:
             raise ValueError(f"message {i} is from {m['from']!r}: turns must go human, gpt, human, gpt, ... "
                              "(a system message may come first)")
-        if not m["value"]:
+        if not m["value"].strip():
             raise ValueError(f"message {i} ({m['from']}) is empty")
         if m["from"] == "gpt" and IMAGE_TOKEN in m["value"]:
             raise ValueError(f"message {i}: an assistant reply cannot hold {IMAGE_TOKEN}")

@@ -7,19 +7,23 @@ Images enter the text as runs of `num_image_tokens` image-token ids (data.py exp
 the model only writes the projected patch features into the embeddings at those positions.
 
 A checkpoint folder holds config.json (this model's config under "model") and model.safetensors;
-`save` and `load` below read and write them and nothing else. `save_hf_llava` and `from_hf_llava`
+`save` and `load` below read and write them and nothing else. With LoRA adapters (lora.py),
+model.safetensors holds only what trains, and config.json names the folder of the frozen base. `save_hf_llava` and `from_hf_llava`
 write and read the folder of transformers' LlavaForConditionalGeneration instead (export.py).
 """
 import copy
 import json
+import math
 import os
 import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+import lora
 
 IGNORE_INDEX = -100
 # Normalization of towers whose config dict does not say (a path's preprocessor_config.json does); others 0.5
@@ -176,6 +180,21 @@ def lm_head(llm, hidden):
     return logits
 
 
+@torch.no_grad()
+def check_lm_head(llm):
+    """lm_head must give the logits of the LLM's own forward: a family that changes them in a way lm_head
+    does not know (FalconH1's lm_head_multiplier, say) would be trained on other logits than it generates
+    with. One forward of three tokens tells."""
+    was_training = llm.training
+    ids = torch.tensor([[1, 2, 3]], device=llm.device)
+    ref = llm.eval()(input_ids=ids).logits
+    got = lm_head(llm, llm.base_model(input_ids=ids).last_hidden_state)
+    llm.train(was_training)
+    if not torch.allclose(got.float(), ref.float(), rtol=1e-3, atol=1e-3):
+        raise ValueError(f"{llm.config.model_type}: its forward changes the logits in a way model.lm_head does not "
+                         f"know (max difference {(got - ref).abs().max():.3g}): add that family's scaling to lm_head")
+
+
 class VLM(nn.Module):
     """config: vision_tower, model_name_or_path (each a path or a config dict), mm_vision_select_layer,
     mm_vision_select_feature, mm_patch_merge, mm_projector_type, image_token_id, vocab_size (of the tokenizer)."""
@@ -190,6 +209,7 @@ class VLM(nn.Module):
         else:
             self.llm = AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32)
         resize_embeddings(self.llm, config["vocab_size"])
+        check_lm_head(self.llm)
         self.patch_merge = config.get("mm_patch_merge", 1)
         self.mm_projector = build_projector(config["mm_projector_type"], self.vision_tower.hidden_size * self.patch_merge ** 2,
                                             self.llm.config.hidden_size)
@@ -215,6 +235,13 @@ class VLM(nn.Module):
         if pixel_values is None or len(pixel_values) == 0:
             if n:
                 raise ValueError(f"the batch has {n} image tokens but no pixel_values")
+            if torch.is_grad_enabled() and any(p.requires_grad for p in self.mm_projector.parameters()):
+                # a text-only batch still runs the image path, on one blank image times 0: the loss gains
+                # exactly 0, but every trainable parameter is in the graph with a zero gradient, as DDP and
+                # FSDP expect the same parameters to take part on every rank (and as one process must too,
+                # to take the same optimizer steps: AdamW moves a parameter with a zero gradient, not one without)
+                size = self.vision_tower.image_size
+                emb = emb + 0 * self.encode_images(emb.new_zeros(1, 3, size, size)).sum().to(emb.dtype)
             return emb
         feats = self.encode_images(pixel_values)
         if n != feats.shape[0] * feats.shape[1]:
@@ -231,20 +258,21 @@ class VLM(nn.Module):
         labels = batch["labels"][:, 1:]
         keep = labels != IGNORE_INDEX
         logits = lm_head(self.llm, out.last_hidden_state[:, :-1][keep])
-        return F.cross_entropy(logits.float(), labels[keep])
+        # 0, not NaN, for a batch with nothing to train (a stand-in for an empty micro-batch, data.py)
+        return F.cross_entropy(logits.float(), labels[keep], reduction="sum") / keep.sum().clamp(min=1)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens=64, temperature=0.0,
-                 top_p=1.0, stop_token_ids=(), generator=None, stop_sequences=()):
+                 top_p=1.0, stop_token_ids=(), generator=None, stop=None):
         """Prompts left-padded in a batch -> [B, <=max_new_tokens] new tokens (with a KV cache).
         temperature 0 is greedy; otherwise sample from the top_p nucleus. A row stops at any of
-        stop_token_ids (e.g. EOS) or when its new tokens end with one of stop_sequences (lists of ids,
-        e.g. a stop string that is several tokens); a finished row repeats its last token."""
+        stop_token_ids (e.g. EOS) or where stop(new tokens so far [B, t]) -> bool [B] says so (sample.py
+        looks for the template's stop string in their text); a finished row repeats its last token."""
         emb = self.embed(input_ids, pixel_values)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.llm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=True, logits_to_keep=1)
-        stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=input_ids.device)
+        stop_ids = torch.tensor(list(stop_token_ids), dtype=torch.long, device=input_ids.device)
         done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
         last = torch.zeros_like(done, dtype=torch.long)
         new = []
@@ -252,10 +280,9 @@ class VLM(nn.Module):
             tok = sample_next(out.logits[:, -1].float(), temperature, top_p, generator)
             tok = torch.where(done, last, tok)
             new.append(tok)
-            done |= torch.isin(tok, stop)
-            for seq in stop_sequences:
-                if len(new) >= len(seq):
-                    done |= (torch.stack(new[-len(seq):], 1) == torch.tensor(seq, device=tok.device)).all(1)
+            done |= torch.isin(tok, stop_ids)
+            if stop is not None:
+                done |= stop(torch.stack(new, 1)).to(done.device)
             last = tok
             if done.all():
                 break
@@ -388,11 +415,23 @@ def is_hf_llava(path):
 
 
 def save(model, path, extra_config=None):
-    """Write config.json and model.safetensors into the folder `path`."""
+    """Write config.json and model.safetensors into the folder `path`. A model with LoRA adapters writes
+    only them and the other trainable weights, and under "lora" in config.json their settings and
+    model.lora_base, the folder that holds the frozen rest (train.py sets it; lora.merge_lora first
+    to save the whole model)."""
     os.makedirs(path, exist_ok=True)
+    adapters = None
+    if lora.has_lora(model):
+        if not getattr(model, "lora_base", None):
+            raise ValueError("a model with LoRA adapters saves only what trains: set model.lora_base to the "
+                             "folder of its base, or merge_lora it first")
+        adapters = {**lora.lora_config(model), "base": model.lora_base}
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"model": model.config, **(extra_config or {})}, f, indent=1)
-    save_model(model, os.path.join(path, "model.safetensors"))  # handles tied embeddings
+        json.dump({"model": model.config, **({"lora": adapters} if adapters else {}), **(extra_config or {})}, f, indent=1)
+    if adapters:
+        save_file(lora.lora_state_dict(model), os.path.join(path, "model.safetensors"))
+    else:
+        save_model(model, os.path.join(path, "model.safetensors"))  # handles tied embeddings
 
 
 def checkpoints(out_dir):
@@ -414,9 +453,33 @@ def load(path, device="cpu"):
             raise FileNotFoundError(f"{f}: not a glimpse checkpoint (missing {os.path.basename(f)})")
     with open(cfg_file) as f:
         config = json.load(f)
+    if "lora" in config:  # the frozen base from its folder, then the adapters and what else trained
+        return load_lora(path, config, device), config
     model = VLM(config["model"])
     try:
         load_model(model, weights, device=str(device))
     except Exception as e:
         raise RuntimeError(f"{weights}: cannot load the weights ({e})") from e
     return model.to(device), config
+
+
+def load_lora(path, config, device="cpu"):
+    """A LoRA checkpoint: its base (a plain checkpoint or LLaVA folder, config["lora"]["base"]) with the
+    same adapters applied, then model.safetensors on top. merge_lora makes it a plain model again."""
+    c = config["lora"]
+    if not os.path.exists(c["base"]):
+        raise FileNotFoundError(f"{path} holds LoRA adapters for the base {c['base']}, which is missing")
+    model, _ = load(c["base"], device)
+    lora.apply_lora(model, c["targets"], c["r"], c["alpha"], c["dropout"], c["rslora"], getattr(torch, c["base_dtype"]))
+    try:
+        state = load_file(os.path.join(path, "model.safetensors"), device=str(device))
+    except Exception as e:
+        raise RuntimeError(f"{path}/model.safetensors: cannot read the LoRA weights ({e})") from e
+    if not math.isclose(lora.base_checksum(model, state), c["base_checksum"], rel_tol=1e-9):
+        raise ValueError(f"{path}: its base {c['base']} is not the one its adapters were trained on (it has changed)")
+    try:
+        lora.load_lora_state_dict(model, state)
+    except Exception as e:
+        raise RuntimeError(f"{path}: cannot load the LoRA weights onto {c['base']} ({e})") from e
+    model.lora_base = c["base"]
+    return model

@@ -31,11 +31,19 @@ def ask(model, tokenizer, template, image_args, images, questions, max_new_token
     pixels = [load_image(img, *image_args) for img in images if img]
     pixel_values = torch.stack(pixels).to(device) if pixels else None
     stop = stop_string(template, tokenizer)
-    stop_seq = tokenizer(stop, add_special_tokens=False)["input_ids"]  # "</s>" is 3 tokens to GPT-2, 1 to Llama
-    new = model.generate(input_ids.to(device), attention_mask.to(device), pixel_values, max_new_tokens,
-                         temperature, top_p, {tokenizer.eos_token_id}, generator, stop_sequences=[stop_seq])
+    new = model.generate(input_ids.to(device), attention_mask.to(device), pixel_values, max_new_tokens, temperature,
+                         top_p, {tokenizer.eos_token_id}, generator, stop=ends_with_text(tokenizer, stop))
     texts = tokenizer.batch_decode(new.tolist(), skip_special_tokens=True)
     return [t.split(stop)[0].strip() for t in texts]
+
+
+def ends_with_text(tokenizer, stop):
+    """generate's stop test for a stop string, matched in the decoded text of the last tokens: in context a
+    tokenizer may write it with other tokens than alone (GPT-2 ends '.</s>' with '.</', 's', '>')."""
+    def done(new):
+        tails = tokenizer.batch_decode(new[:, -len(stop) - 2:].tolist())  # a token is at least one character
+        return torch.tensor([stop in t for t in tails])
+    return done
 
 
 def image_args(model, train_config):

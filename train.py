@@ -18,6 +18,7 @@ import sys
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -25,7 +26,8 @@ from transformers import AutoTokenizer
 
 import configurator
 from conversation import chat_template
-from data import SupervisedDataset, collate, rank_batches, steps_per_epoch
+from data import ShardDataset, collate, epoch_batches, global_batches, per_source, preprocess, rank_batches, read_manifest
+from lora import apply_lora, find_targets, has_lora, is_lora
 from model import VLM, checkpoints, load, save
 
 # -----------------------------------------------------------------------------
@@ -49,9 +51,13 @@ val_data_path = "data/shapes/val.json"
 val_image_folder = "data/shapes"
 version = "plain,vicuna_v1"  # chat template (conversation.py): one for all data files or one per file
 curriculum = True  # the data files one after another (each shuffled), instead of mixed: captions first
+data_multiple = 1  # per data file (or one for all): times each record is seen per epoch (Ferret's; 0.5 = half)
+group_by_modality_length = False  # LLaVA's: batches of image or text-only records, each sorted by length
+strict = False  # a bad record is an error instead of a counted skip (data.py lists skips in skipped.jsonl)
 image_aspect_ratio = "pad"  # 'pad' (LLaVA), 'square_nocrop' (Ferret), 'crop'
 model_max_length = 2048  # tokens, image tokens included
 num_workers = 0  # DataLoader workers that read images
+# data_path may also be a folder of shards made by data.py; JSON files are made into shards under out_dir/data/
 # model: a path / hub id, or a config dict for a random init
 model_name_or_path = dict(model_type="llama", hidden_size=128, intermediate_size=512, num_hidden_layers=3,
                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
@@ -68,6 +74,16 @@ mm_projector_type = "mlp2x_gelu"
 tune_mm_mlp_adapter = False  # True: the projector only (LLaVA stage 1)
 freeze_backbone = False  # True: the LLM stays frozen
 unfreeze_mm_vision_tower = True  # the vision tower trains too (a random tower must)
+# LoRA (lora.py; LLaVA's names and defaults): the LLM trains through low-rank adapters on its Linears while
+# its base weights stay frozen; the projector still trains fully. A checkpoint then holds only what trains.
+lora_enable = False
+lora_r = 64
+lora_alpha = 16  # the update is scaled by lora_alpha / lora_r
+lora_dropout = 0.05
+lora_target = "all-linear"  # every Linear of the LLM but its head, or comma-separated regexes: 'q_proj,v_proj'
+lora_rslora = False  # scale by lora_alpha / sqrt(lora_r) instead (rsLoRA)
+lora_vision_tower = False  # adapters on the vision tower's Linears too, at mm_vision_tower_lr
+lora_base_dtype = "float32"  # 'bfloat16' keeps the frozen weights under the adapters in half the memory
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
 batch_size = 32  # per process and micro-step
 gradient_accumulation_steps = 1  # micro-steps per optimizer step, summed over all processes
@@ -162,19 +178,44 @@ else:
                      vocab_size=len(tokenizer)))
 if tokenizer.pad_token_id is None:
     tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id will do
-model.to(device)
+if lora_enable and (tune_mm_mlp_adapter or freeze_backbone):
+    raise ValueError("lora_enable=True trains the LLM through adapters: it cannot also be frozen "
+                     "(tune_mm_mlp_adapter or freeze_backbone)")
+if lora_enable and not has_lora(model):
+    # LoRA checkpoints hold only what trains and name the folder of the frozen rest: the checkpoint we
+    # started from, or (a new model, or a checkpoint that keep_last would delete) out_dir/base, written once
+    start = os.path.abspath(ckpt) if ckpt else None
+    model.lora_base = os.path.abspath(os.path.join(out_dir, "base"))
+    if start and os.path.dirname(start) != os.path.abspath(out_dir):
+        model.lora_base = start
+    elif master:  # written under a temporary name, as checkpoints are
+        shutil.rmtree(model.lora_base + ".tmp", ignore_errors=True)
+        save(model, model.lora_base + ".tmp", {"train": config})
+        shutil.rmtree(model.lora_base, ignore_errors=True)
+        os.replace(model.lora_base + ".tmp", model.lora_base)
+    names = apply_lora(model, find_targets(model, lora_target, lora_vision_tower), lora_r, lora_alpha, lora_dropout,
+                       lora_rslora, getattr(torch, lora_base_dtype))
+    log(f"LoRA r={lora_r} alpha={lora_alpha} on {len(names)} Linears; base: {model.lora_base}")
+elif has_lora(model) and not lora_enable:
+    raise ValueError(f"{ckpt} has LoRA adapters: train them on with lora_enable=True, or merge them into the "
+                     "weights first (python export.py --ckpt=... --merged_dir=...)")
+model.to(device)  # after LoRA: a base kept in bf16 never sits on the device in fp32
 
-# what trains, and at which learning rate (stages are configs)
+# what trains, and at which learning rate (stages are configs); with LoRA, the LLM (and with
+# lora_vision_tower the tower) trains through its adapters only
 model.requires_grad_(False)
 parts = [(model.mm_projector, mm_projector_lr or learning_rate)]
 if not tune_mm_mlp_adapter:
     if not freeze_backbone:
         parts.append((model.llm, learning_rate))
-    if unfreeze_mm_vision_tower:
+    if unfreeze_mm_vision_tower or (lora_enable and lora_vision_tower):
         parts.append((model.vision_tower, mm_vision_tower_lr or learning_rate))
 groups = []
 for module, lr in parts:
     module.requires_grad_(True)
+    if lora_enable and (module is model.llm or (module is model.vision_tower and lora_vision_tower)):
+        for name, p in module.named_parameters():
+            p.requires_grad_(is_lora(name))
     if module is model.vision_tower:
         model.vision_tower.freeze_unused()  # e.g. layers after mm_vision_select_layer: DDP wants every
     params = [p for p in module.parameters() if p.requires_grad]  # trainable parameter to get a gradient
@@ -198,17 +239,42 @@ if ddp:
 
 # data --------------------------------------------------------------------------
 tower = raw_model.vision_tower
-data_args = dict(tokenizer=tokenizer, template=version, num_image_tokens=raw_model.num_image_tokens,
-                 image_size=tower.image_size, image_mean=tower.image_mean, image_std=tower.image_std,
-                 image_aspect_ratio=image_aspect_ratio, model_max_length=model_max_length)
-train_data = SupervisedDataset(data_path, image_folder, **data_args)
-val_data = SupervisedDataset(val_data_path, val_image_folder, **{**data_args, "template": chat_template(version)}) if val_data_path else None
+image_args = dict(image_size=tower.image_size, image_mean=tower.image_mean, image_std=tower.image_std,
+                  image_aspect_ratio=image_aspect_ratio)
+
+
+def shards(data, folders, templates, name):
+    """A folder of shards made by data.py (checked against this run's tokenizer and settings), or JSON
+    files made into shards under out_dir/data/<name> by rank 0 and reused while they are unchanged."""
+    path = data if os.path.isdir(data) and read_manifest(data) else os.path.join(out_dir, "data", name)
+    if path != data:
+        if master:
+            preprocess(data, folders, path, tokenizer, templates, raw_model.num_image_tokens, model_max_length, strict)
+        if ddp:
+            dist.barrier()
+    return ShardDataset(path, tokenizer=tokenizer, version=templates, num_image_tokens=raw_model.num_image_tokens,
+                        model_max_length=model_max_length, **image_args)
+
+
+train_data = shards(data_path, image_folder, version, "train")
+val_data = shards(val_data_path, val_image_folder, chat_template(version), "val") if val_data_path else None
 for name, d in (("train", train_data), ("val", val_data)):
     if d is not None and d.skipped:
-        log(f"{name}: skipped {len(d.skipped)} records, e.g. {next(iter(d.skipped.items()))}")
-n_steps = steps_per_epoch(len(train_data), global_batch)
+        log(f"{name}: skipped {d.skipped} bad records, listed with their reasons in {d.path}/skipped.jsonl")
+
+
+multiples = per_source(data_multiple, train_data.n_sources, "data_multiple values")
+
+
+def train_epoch(epoch):
+    """The global batches of an epoch: seeded by (seed, epoch), so a resumed run takes the same ones."""
+    return epoch_batches(train_data.sources, global_batch, seed, epoch, multiples, curriculum,
+                         train_data.lengths if group_by_modality_length else None, train_data.has_image)
+
+
+n_steps = len(train_epoch(0))
 if n_steps == 0:
-    raise ValueError(f"{len(train_data)} records are fewer than one global batch of {global_batch}")
+    raise ValueError(f"an epoch has no records: data_multiple={data_multiple} leaves out all {len(train_data)}")
 max_iters = max_iters or n_steps * num_train_epochs
 warmup = warmup_iters or round(warmup_ratio * max_iters)
 log(f"train: {len(train_data)} records, {n_steps} steps of {global_batch} per epoch; {max_iters} steps")
@@ -223,8 +289,7 @@ def loader(dataset, batches):
 def train_batches():
     """Micro-batches forever, from the saved data position on; state['epoch'/'epoch_step'] track it."""
     while True:
-        batches = rank_batches(train_data.file_sizes, micro_batch, accum, rank, world, seed,
-                               state["epoch"], state["epoch_step"], curriculum)
+        batches = rank_batches(train_epoch(state["epoch"]), micro_batch, accum, rank, world, state["epoch_step"])
         yield from loader(train_data, batches)
         state["epoch"], state["epoch_step"] = state["epoch"] + 1, 0
 
@@ -247,14 +312,15 @@ def estimate_val_loss():
     """Mean val loss over eval_iters fixed batches, and the same with each image moved to the next record
     of its batch: their gap is how much the model looks at the images (0: it answers from text alone)."""
     model.eval()
-    batches = rank_batches(len(val_data), micro_batch, 1, rank, world, seed, 0)[:eval_iters]
+    batches = rank_batches(global_batches(np.arange(len(val_data)), micro_batch * world), micro_batch, 1, rank, world)
     sums = torch.zeros(3, device=device)
-    for batch in loader(val_data, batches):
+    for batch in loader(val_data, batches[:eval_iters]):
         batch = to_device(batch)
+        n = (batch["labels"][:, 1:] != -100).sum()  # the mean over tokens, as in training
         with autocast:
-            sums[0] += raw_model(batch)
-            sums[1] += raw_model({**batch, "pixel_values": batch["pixel_values"].roll(1, 0)})
-        sums[2] += 1
+            sums[0] += raw_model(batch) * n
+            sums[1] += raw_model({**batch, "pixel_values": batch["pixel_values"].roll(1, 0)}) * n
+        sums[2] += n
     if ddp:
         dist.all_reduce(sums)
     model.train()
@@ -312,8 +378,9 @@ while state["iter"] < max_iters:
             loss = model(batch) * (n_tokens[micro] * world / n_global)
         loss.backward()
         loss_sum += loss.item()
-        tokens += int(batch["attention_mask"].sum()) * world
-        supervised += int((batch["labels"] != -100).sum()) * world
+        if n_tokens[micro]:  # not a stand-in for an empty micro-batch
+            tokens += int(batch["attention_mask"].sum()) * world
+            supervised += int((batch["labels"] != -100).sum()) * world
     if not math.isfinite(loss_sum):
         raise FloatingPointError(f"step {it}: loss is {loss_sum}; stopping before the weights are damaged")
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip or float("inf"))
@@ -354,4 +421,5 @@ if master and eval_data_path and ckpt_path:
         json.dump(results, f, indent=1)
     log(f"wrote {os.path.join(out_dir, 'eval.json')}")
 if ddp:
+    dist.barrier()  # no rank leaves while rank 0 still writes
     dist.destroy_process_group()

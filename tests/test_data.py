@@ -1,145 +1,318 @@
-"""data.py: record validation, truncation, image transforms, collation and distributed, resumable sampling."""
+"""data.py: preprocessing into shards (every kind of bad record named and counted), the shards' samples,
+image transforms, collation, and the distributed, resumable sampler (every record exactly once per epoch)."""
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conversation import IGNORE_INDEX
-from data import (SupervisedDataset, collate, epoch_order, load_image, rank_batches, read_records, steps_per_epoch, truncate,
-                  validate)
+from conversation import IGNORE_INDEX, tokenize
+from data import (ShardDataset, Skip, collate, epoch_batches, epoch_order, global_batches, load_image, preprocess,
+                  rank_batches, steps_per_epoch, truncate)
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def dataset(shapes, tokenizer, data_path=None, image_folder=None, num_image_tokens=4, **kw):
-    return SupervisedDataset(str(data_path or shapes / "train.json"), str(image_folder or shapes), tokenizer,
-                             kw.pop("template", "vicuna_v1"), num_image_tokens, 32, CLIP_MEAN, CLIP_STD, **kw)
+def shards(tmp_path, tokenizer, data_path, image_folder, version="vicuna_v1", num_image_tokens=4, model_max_length=2048,
+           name="shards", **kw):
+    out = str(tmp_path / name)
+    preprocess(str(data_path), str(image_folder), out, tokenizer, version, num_image_tokens, model_max_length,
+               num_proc=kw.pop("num_proc", 1), quiet=True, **kw)
+    return ShardDataset(out, 32, CLIP_MEAN, CLIP_STD, tokenizer=tokenizer, version=version,
+                        num_image_tokens=num_image_tokens, model_max_length=model_max_length)
 
 
-# validation -----------------------------------------------------------------------------------------
+def skipped(d):
+    with open(os.path.join(d.path, "skipped.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# bad records: each kind is skipped with its reason, named by file:index and id (strict: an error) --------
 
 GOOD = {"id": "good", "image": "images/train_000000.png",
         "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]}
+Q, A = {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}
 
 
-@pytest.mark.parametrize("bad, problem", [
-    ({"image": "images/nope.png"}, "does not exist"),
-    ({"conversations": [{"from": "human", "value": "<image>\nWhat?"}]}, "no assistant"),
-    ({"conversations": [{"from": "bot", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]}, "message 0"),
-    ({"conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "red"}]}, "found 0"),
-    ({"conversations": [{"from": "human", "value": "<image><image>\nWhat?"}, {"from": "gpt", "value": "red"}]}, "found 2"),
-    ({"image": None, "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]},
-     "no 'image'"),
-    ({"conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": 3}]}, "message 1"),
-    ({"conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": None}]}, "message 1"),
-    ({"conversations": []}, "conversations"),
-    ({"conversations": [{"from": "gpt", "value": "red"}, {"from": "human", "value": "<image>\nWhat?"}]}, "turns must go"),
-    ({"conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": ""}]}, "is empty"),
-    ({"image": ["a.png"]}, "file name"),
-])
-def test_bad_record_error_names_the_record(shapes, tokenizer, tmp_path, bad, problem):
-    record = {**GOOD, "id": "culprit", **bad}
+def broken_png(path, shapes):
+    data = (shapes / "images" / "train_000000.png").read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+BAD = {  # name: (record fields over GOOD, or a whole non-record; the reason: its kind, then details)
+    "not an object": ("just a string", "not a record: a JSON str"),
+    "no conversations": ({"conversations": None, "_drop": "conversations"}, "no conversation: neither"),
+    "empty conversation": ({"conversations": []}, "empty conversation"),
+    "message not an object": ({"conversations": ["hi", A]}, "message not an object: message 0 is a str"),
+    "unknown role": ({"conversations": [{"from": "bot", "value": "<image>\nWhat?"}, A]}, "unknown role: message 0 is from 'bot'"),
+    "non-string value": ({"conversations": [Q, {"from": "gpt", "value": 3}]}, "text not a string: message 1 has a int"),
+    "null value": ({"conversations": [Q, {"from": "gpt", "value": None}]}, "text not a string: message 1 has a NoneType"),
+    "empty value": ({"conversations": [Q, {"from": "gpt", "value": ""}]}, "bad conversation: message 1 (gpt) is empty"),
+    "blank value": ({"conversations": [Q, {"from": "gpt", "value": " \n "}]}, "bad conversation: message 1 (gpt) is empty"),
+    "reply first": ({"conversations": [A, Q]}, "bad conversation: message 0 is from 'gpt': turns must go"),
+    "two questions": ({"conversations": [Q, {"from": "human", "value": "And?"}, A]}, "turns must go"),
+    "system not first": ({"conversations": [Q, {"from": "system", "value": "x"}, A]}, "turns must go"),
+    "system alone": ({"image": None, "_drop": "image", "conversations": [{"from": "system", "value": "x"}]}, "no assistant reply"),
+    "no reply": ({"conversations": [Q]}, "no assistant reply"),
+    "image without tag": ({"conversations": [{"from": "human", "value": "What?"}, A]}, "image tags: 0 <image> tags for 1 images"),
+    "two tags one image": ({"conversations": [{"from": "human", "value": "<image><image>"}, A]}, "image tags: 2 <image> tags for 1"),
+    "tag without image": ({"image": None, "_drop": "image"}, "image tags: 1 <image> tags for 0 images"),
+    "image not a name": ({"image": 5}, "bad image field: 'image' must be a file name"),
+    "missing image": ({"image": "images/nope.png"}, "missing image: "),
+    "not an image": ({"image": "junk.png"}, "unreadable image: "),
+    "truncated image": ({"image": "half.png"}, "unreadable image: "),
+    "zero-size image": ({"image": "empty.png"}, "empty image file: "),
+    "image in a reply": ({"conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "<image> red"}]},
+                         "cannot hold"),
+    "box outside": ({"image_w": 48, "image_h": 48, "box_x1y1x2y2": [[[10, 10, 60, 20]]]}, "box outside the image: [10, 10, 60, 20] in 48x48"),
+    "box without size": ({"box_x1y1x2y2": [[[1, 1, 2, 2]]]}, "bad box: boxes given without a positive image_w"),
+    "sharegpt content list": ({"_drop": "conversations", "messages": [{"role": "user", "content": [{"text": "<image>"}]},
+                                                                      {"role": "assistant", "content": "red"}]},
+                              "text not a string: message 0 has a list content"),
+}
+
+
+def bad_record(kind):
+    fields, reason = BAD[kind]
+    if not isinstance(fields, dict):
+        return fields, reason
+    record = {**GOOD, "id": "culprit", **fields}
+    for key in [fields.get("_drop")]:
+        record.pop(key, None)
+    record.pop("_drop", None)
+    return record, reason
+
+
+@pytest.fixture(scope="module")
+def image_folder(shapes, tmp_path_factory):
+    """The shapes images, plus a file that is no image, a truncated PNG and an empty file."""
+    folder = tmp_path_factory.mktemp("images")
+    os.symlink(shapes / "images", folder / "images")
+    (folder / "junk.png").write_bytes(b"not a png")
+    broken_png(folder / "half.png", shapes)
+    (folder / "empty.png").write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_bad_record_is_skipped_with_its_reason_and_named(tokenizer, image_folder, tmp_path, kind):
+    record, reason = bad_record(kind)
     path = tmp_path / "data.json"
-    path.write_text(json.dumps([GOOD, record, GOOD]))
-    with pytest.raises(ValueError) as e:
-        dataset(shapes, tokenizer, path)
-    msg = str(e.value)
-    assert f"{path}:1" in msg and "'culprit'" in msg and problem in msg, msg
+    path.write_text(json.dumps([GOOD, record, {**GOOD, "id": "good2"}]))
+    d = shards(tmp_path, tokenizer, path, image_folder)
+    assert len(d) == 2 and d.skipped == 1
+    (s,) = skipped(d)
+    assert s["where"] == f"{path}:1" and reason in s["reason"], s
+    assert s["id"] == (None if kind == "not an object" else "culprit")
+    with pytest.raises(ValueError) as e:  # strict: the same, as an error
+        shards(tmp_path, tokenizer, path, image_folder, strict=True, name="strict")
+    assert f"{path}:1" in str(e.value) and reason in str(e.value)
 
 
-def test_broken_json_file_is_named(shapes, tokenizer, tmp_path):
+def test_bad_json_line_duplicate_record_and_too_long(tokenizer, image_folder, tmp_path):
+    path = tmp_path / "data.jsonl"
+    long = {**GOOD, "id": "long", "conversations": [{"from": "human", "value": "<image>\n" + "What? " * 300}, A]}
+    same_id = {**GOOD, "conversations": [Q, {"from": "gpt", "value": "blue"}]}  # LLaVA's ids are image ids: kept
+    path.write_text("\n".join(json.dumps(r) if isinstance(r, dict) else r
+                              for r in [GOOD, '{"id": "broken", "conv', GOOD, long, same_id]) + "\n")
+    d = shards(tmp_path, tokenizer, path, image_folder, model_max_length=64)
+    assert len(d) == 2
+    reasons = {s["where"]: s["reason"] for s in skipped(d)}
+    assert reasons[f"{path}:2"].startswith("bad JSON line: ")
+    assert reasons[f"{path}:3"] == f"duplicate record: the same id 'good' and content as {path}:1"
+    assert reasons[f"{path}:4"] == "too long: over model_max_length=64, nothing left to train"
+    # the summary counts by kind
+    assert d.manifest["skipped_by_kind"] == {"bad JSON line": 1, "duplicate record": 1, "too long": 1}
+
+
+def test_distinct_kinds_of_bad_record():
+    kinds = {reason.split(":")[0] for _, reason in BAD.values()}
+    # + bad JSON line, duplicate record, too long (above); each a check of its own in data.py or conversation.py
+    assert len(kinds) + 3 >= 20, sorted(kinds)
+
+
+def test_a_folder_that_is_not_shards_is_never_replaced(shapes, tokenizer, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.json").write_text(json.dumps([GOOD]))
+    with pytest.raises(ValueError, match="holds no shards: not replacing it"):
+        preprocess(str(tmp_path / "mine" / "precious.json"), str(shapes), str(tmp_path / "mine"), tokenizer, "vicuna_v1", 4,
+                   num_proc=1, quiet=True)
+    assert (tmp_path / "mine" / "precious.json").exists()
+
+
+def test_no_usable_records_is_an_error_every_time(shapes, tokenizer, tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"id": "x"}, {**GOOD, "image": "nope.png"}]))
+    for _ in range(2):  # nothing is kept as shards that a second run would take
+        with pytest.raises(ValueError, match="no usable records"):
+            shards(tmp_path, tokenizer, path, shapes)
+    assert not (tmp_path / "shards").exists()
+    assert len((tmp_path / "shards.tmp" / "skipped.jsonl").read_text().splitlines()) == 2  # the reasons are kept
+
+
+def test_strict_refuses_reused_shards_that_skipped_records(shapes, tokenizer, tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([GOOD, {**GOOD, "id": "bad", "image": "nope.png"}]))
+    assert shards(tmp_path, tokenizer, path, shapes).skipped == 1
+    with pytest.raises(ValueError, match="strict=True, but these shards skipped 1 records"):
+        shards(tmp_path, tokenizer, path, shapes, strict=True)
+
+
+def test_an_unknown_template_is_an_error_before_any_record(shapes, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="unknown chat template 'vicuna_v2'"):
+        shards(tmp_path, tokenizer, shapes / "train.json", shapes, version="vicuna_v2")
+
+
+def test_broken_json_file_is_named(tokenizer, shapes, tmp_path):
     path = tmp_path / "broken.json"
     path.write_text(json.dumps([GOOD])[:-3])
     with pytest.raises(ValueError, match="broken.json: not valid JSON"):
-        dataset(shapes, tokenizer, path)
+        shards(tmp_path, tokenizer, path, shapes)
     path.write_text(json.dumps(GOOD))
     with pytest.raises(ValueError, match="broken.json: expected a JSON list"):
-        dataset(shapes, tokenizer, path)
+        shards(tmp_path, tokenizer, path, shapes)
+    path.write_text(json.dumps([{"id": "x"}]))
+    with pytest.raises(ValueError, match="no usable records"):
+        shards(tmp_path, tokenizer, path, shapes)
 
 
-def test_jsonl_and_several_files(shapes, tokenizer, tmp_path):
+# shards ------------------------------------------------------------------------------------------------
+
+def test_samples_equal_conversation_tokenize(shapes, tokenizer, tmp_path):
+    records = json.loads((shapes / "train.json").read_text())
+    d = shards(tmp_path, tokenizer, shapes / "train.json", shapes, num_image_tokens=5)
+    assert len(d) == len(records) and d.skipped == 0
+    for i in range(0, len(records), 7):
+        ids, labels = tokenize("vicuna_v1", records[i]["conversations"], tokenizer, 5)
+        s = d[i]
+        assert s["input_ids"].tolist() == ids and s["labels"].tolist() == labels and d.lengths[i] == len(ids)
+        img = load_image(str(shapes / records[i]["image"]), "pad", 32, CLIP_MEAN, CLIP_STD)
+        assert torch.equal(s["pixel_values"], img[None])
+
+
+def test_sources_jsonl_sharegpt_text_only_and_several_images(shapes, tokenizer, tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.json"
+    sharegpt = {"id": "s", "messages": [{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    two = {"id": "two", "image": ["images/train_000000.png", "images/train_000001.png"],
+           "conversations": [{"from": "human", "value": "<image> and <image>: same?"}, {"from": "gpt", "value": "no"}]}
     a.write_text("\n".join(json.dumps({**GOOD, "id": f"a{i}"}) for i in range(3)) + "\n")
-    b.write_text(json.dumps([{**GOOD, "id": "b0"}]))
-    records = read_records(f"{a},{b}", str(shapes), "vicuna_v1,plain")
-    assert [(r["id"], t, w) for r, _, t, w in records] == [
-        ("a0", "vicuna_v1", f"{a}:0"), ("a1", "vicuna_v1", f"{a}:1"), ("a2", "vicuna_v1", f"{a}:2"), ("b0", "plain", f"{b}:0")]
-    assert len(dataset(shapes, tokenizer, f"{a},{b}")) == 4
+    b.write_text(json.dumps([sharegpt, two, {**GOOD, "id": "b"}]))
+    d = shards(tmp_path, tokenizer, f"{a},{b}", shapes, version="vicuna_v1,llava_v1")
+    assert len(d) == 6 and list(d.sources) == [0, 0, 0, 1, 1, 1] and list(d.has_image) == [1, 1, 1, 0, 1, 1]
+    assert d.manifest["records_per_source"] == [3, 3] and d.manifest["templates"] == ["vicuna_v1", "llava_v1"]
+    text = tokenizer.decode(d[3]["input_ids"])
+    assert text.startswith("<s>Be brief. USER: Hi ASSISTANT: Hello</s>") and d[3]["pixel_values"].shape == (0, 3, 32, 32)
+    assert "curious human" in tokenizer.decode(d[5]["input_ids"])  # the second source's template
+    s = d[4]
+    assert s["pixel_values"].shape == (2, 3, 32, 32) and (s["input_ids"] == d.image_id).sum() == 8
     with pytest.raises(ValueError, match="image folders"):
-        read_records(f"{a},{b}", f"{shapes},{shapes},{shapes}", "vicuna_v1")
+        shards(tmp_path, tokenizer, f"{a},{b}", f"{shapes},{shapes},{shapes}", name="x")
     with pytest.raises(ValueError, match="templates"):
-        read_records(f"{a},{b}", str(shapes), "vicuna_v1,plain,plain")
+        shards(tmp_path, tokenizer, f"{a},{b}", shapes, version="vicuna_v1,plain,plain", name="y")
 
 
-def test_text_only_record_is_valid(shapes, tokenizer, tmp_path):
-    record = {"id": "t", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
-    assert validate(record, str(shapes), "x:0") is None
-    path = tmp_path / "t.json"
-    path.write_text(json.dumps([record, GOOD]))
-    d = dataset(shapes, tokenizer, path)
-    assert d[0]["pixel_values"].shape == (0, 3, 32, 32) and d[1]["pixel_values"].shape == (1, 3, 32, 32)
+def test_rerun_on_unchanged_inputs_reuses_the_shards(shapes, tokenizer, tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([GOOD, {**GOOD, "id": "g2"}]))
+    d = shards(tmp_path, tokenizer, path, shapes)
+    ids_file = os.path.join(d.path, "ids.bin")
+    before = os.stat(ids_file).st_mtime_ns
+    shards(tmp_path, tokenizer, path, shapes)
+    assert os.stat(ids_file).st_mtime_ns == before  # reused
+    path.write_text(json.dumps([GOOD, {**GOOD, "id": "g2"}, {**GOOD, "id": "g3"}]))
+    assert len(shards(tmp_path, tokenizer, path, shapes)) == 3  # the source changed: made again
+    assert len(shards(tmp_path, tokenizer, path, shapes, num_image_tokens=6)) == 3  # so did a setting
 
 
-# truncation -------------------------------------------------------------------------------------------
+def test_shards_made_with_other_settings_are_refused_naming_the_setting(shapes, tokenizer, real_tokenizers, tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([GOOD]))
+    d = shards(tmp_path, tokenizer, path, shapes)
+    args = dict(path=d.path, image_size=32, image_mean=CLIP_MEAN, image_std=CLIP_STD, tokenizer=tokenizer,
+                version="vicuna_v1", num_image_tokens=4, model_max_length=2048)
+    ShardDataset(**args)
+    for change, setting in [(dict(num_image_tokens=576), "num_image_tokens: 4 in the shards, 576 now"),
+                            (dict(model_max_length=4096), "model_max_length"),
+                            (dict(version="llava_v1"), "templates: ['vicuna_v1'] in the shards, ['llava_v1'] now"),
+                            (dict(tokenizer=real_tokenizers["gpt2"]), "tokenizer:")]:
+        with pytest.raises(ValueError, match="made with other settings") as e:
+            ShardDataset(**{**args, **change})
+        assert setting in str(e.value)
+
+
+def test_many_processes_make_the_same_shards(shapes, tokenizer, tmp_path):
+    # several sources of several pool chunks each (64 records), with skips spread over them
+    records = json.loads((shapes / "train.json").read_text())
+    for i in range(0, len(records), 9):
+        records[i] = {**records[i], "image": "images/nope.png"}
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    (tmp_path / "b.json").write_text(json.dumps(records[::-1][:100]))
+    data = f"{tmp_path / 'a.json'},{shapes / 'captions.json'},{tmp_path / 'b.json'}"
+    one = shards(tmp_path, tokenizer, data, shapes, version="vicuna_v1,plain,vicuna_v1", name="one")
+    two = shards(tmp_path, tokenizer, data, shapes, version="vicuna_v1,plain,vicuna_v1", name="two", num_proc=2)
+    assert one.skipped > 20 and len(one) > 300 and one.n_sources == 3
+    for f in ("ids.bin", "trained.bin", "offsets.npy", "lengths.npy", "sources.npy", "image_index.npy", "images.npy", "skipped.jsonl"):
+        assert open(os.path.join(one.path, f), "rb").read() == open(os.path.join(two.path, f), "rb").read(), f
+    assert one.manifest == two.manifest
+
+
+def test_an_image_deleted_after_preprocessing_is_an_error_naming_it(shapes, tokenizer, tmp_path):
+    img = tmp_path / "img.png"
+    img.write_bytes((shapes / "images" / "train_000000.png").read_bytes())
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{**GOOD, "image": "img.png"}]))
+    d = shards(tmp_path, tokenizer, path, tmp_path)
+    img.unlink()
+    with pytest.raises(RuntimeError, match="img.png"):
+        d[0]
+
+
+def test_a_negative_index_is_the_record_with_nothing_trained(shapes, tokenizer, tmp_path):
+    d = shards(tmp_path, tokenizer, shapes / "train.json", shapes)
+    assert torch.equal(d[~3]["input_ids"], d[3]["input_ids"]) and (d[~3]["labels"] == IGNORE_INDEX).all()
+
+
+# truncation (compact ids: one image id per image, counted as num_image_tokens) -----------------------
 
 IMG = 99
 
 
-def test_truncate_keeps_short_samples_unchanged():
-    ids, labels = [1, IMG, IMG, IMG, 5, 6, 7], [-100] * 5 + [6, 7]
-    assert truncate(ids, labels, 7, IMG) == (ids, labels)
-    assert truncate(ids, labels, 100, IMG) == (ids, labels)
+def cut(ids, trained, max_len, n=3):
+    out = truncate(np.array(ids), np.array(trained, bool), max_len, IMG, n)
+    return out[0].tolist(), out[1].astype(int).tolist()
 
 
-def test_truncate_cuts_text_after_the_image_block():
-    ids, labels = [1, IMG, IMG, IMG, 5, 6, 7, 8], [-100] * 5 + [6, 7, 8]
-    assert truncate(ids, labels, 7, IMG) == (ids[:7], labels[:7])
-    assert truncate(ids, labels, 6, IMG) == (ids[:6], labels[:6])
+def test_truncate_keeps_short_samples_and_counts_image_tokens():
+    ids, trained = [1, IMG, 5, 6, 7], [0, 0, 0, 1, 1]  # 7 tokens with the image's 3
+    assert cut(ids, trained, 7) == (ids, trained) == cut(ids, trained, 100)
+    assert cut(ids, trained, 6) == (ids[:4], trained[:4])
 
 
-@pytest.mark.parametrize("max_len", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("max_len", [1, 2, 3])
 def test_truncate_never_cuts_an_image_block(max_len):
-    ids, labels = [1, 2, IMG, IMG, IMG, 6, 7], [-100] * 5 + [6, 7]
-    # every cut up to the block's end leaves no whole block (and nothing trained): the sample is dropped
-    assert truncate(ids, labels, max_len, IMG) is None
-
-
-@pytest.mark.parametrize("max_len", [4, 5])
-def test_truncate_drops_a_sample_rather_than_its_image(max_len):
-    # trained text before the image (an image in a later turn): a cut through the block must not leave a
-    # partial block, nor a sample whose image has no tokens left (its pixel_values would not match)
-    ids, labels = [1, 5, 6, IMG, IMG, IMG, 8], [-100, 5, 6, -100, -100, -100, 8]
-    assert truncate(ids, labels, max_len, IMG) is None
-    assert truncate(ids, labels, 6, IMG) == (ids[:6], labels[:6])
+    with pytest.raises(Skip, match="an image would be cut"):
+        cut([1, IMG, 5, 6], [0, 0, 1, 1], max_len)
 
 
 def test_truncate_drops_samples_with_nothing_trained_left():
-    ids, labels = [1, IMG, IMG, 4, 5, 6, 7], [-100] * 5 + [6, 7]
-    assert truncate(ids, labels, 5, IMG) is None
-    assert truncate(ids, labels, 6, IMG) == (ids[:6], labels[:6])
+    with pytest.raises(Skip, match="nothing left to train"):
+        cut([1, IMG, 4, 5, 6], [0, 0, 0, 1, 1], 5)
 
 
-def test_dataset_truncation_skips_and_keeps_whole_blocks(shapes, tokenizer):
-    full = dataset(shapes, tokenizer, num_image_tokens=16)
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-    first_trained = [int(np.flatnonzero(labels != IGNORE_INDEX)[0]) for _, labels, _ in full.samples]
-    max_len = sorted(first_trained)[len(first_trained) // 2] + 1  # about half the records keep a trained token
-    d = dataset(shapes, tokenizer, num_image_tokens=16, model_max_length=max_len)
-    expect_kept = [i for i, f in enumerate(first_trained) if f < max_len]
-    n = len(full)
-    assert 0 < len(expect_kept) < n
-    assert len(d) == len(expect_kept) and len(d.skipped) == n - len(expect_kept)
-    assert sorted(d.skipped) == sorted(f"{shapes / 'train.json'}:{i}" for i in range(n) if i not in expect_kept)
-    for (ids, labels, image), i in zip(d.samples, expect_kept):
-        full_ids, full_labels, full_image = full.samples[i]
-        n = min(len(full_ids), max_len)
-        assert np.array_equal(ids, full_ids[:n]) and np.array_equal(labels, full_labels[:n]) and image == full_image
-        assert list(ids).count(image_id) == 16 and (labels != IGNORE_INDEX).any()
-    with pytest.raises(ValueError, match="no usable records"):
-        dataset(shapes, tokenizer, num_image_tokens=16, model_max_length=min(first_trained))
+def test_truncation_in_preprocessing_skips_and_counts(shapes, tokenizer, tmp_path):
+    full = shards(tmp_path, tokenizer, shapes / "train.json", shapes, num_image_tokens=16, name="full")
+    first = [int(np.flatnonzero(full[i]["labels"] != IGNORE_INDEX)[0]) for i in range(len(full))]
+    max_len = sorted(first)[len(first) // 2] + 1  # about half the records keep a trained token
+    d = shards(tmp_path, tokenizer, shapes / "train.json", shapes, num_image_tokens=16, model_max_length=max_len)
+    kept = [i for i, f in enumerate(first) if f < max_len]
+    assert 0 < len(kept) < len(full) and len(d) == len(kept) and d.skipped == len(full) - len(kept)
+    for j, i in enumerate(kept):
+        n = min(len(full[i]["input_ids"]), max_len)
+        assert torch.equal(d[j]["input_ids"], full[i]["input_ids"][:n]) and d.lengths[j] == n
 
 
 # images ------------------------------------------------------------------------------------------------
@@ -200,7 +373,7 @@ def test_collate_follows_the_batch_contract(shapes, tokenizer, tmp_path):
     records = json.loads((shapes / "train.json").read_text())[:3]
     path = tmp_path / "mix.json"
     path.write_text(json.dumps([records[0], text_only, records[1], records[2]]))
-    d = dataset(shapes, tokenizer, path)
+    d = shards(tmp_path, tokenizer, path, shapes)
     samples = [d[i] for i in range(4)]
     b = collate(samples, tokenizer.pad_token_id)
     T = max(len(s["input_ids"]) for s in samples)
@@ -217,67 +390,92 @@ def test_collate_follows_the_batch_contract(shapes, tokenizer, tmp_path):
         assert torch.equal(b["pixel_values"][k], samples[i]["pixel_values"][0])
 
 
-def global_batches(n, micro, accum, world, seed, epoch, start_step=0):
-    per_rank = [rank_batches(n, micro, accum, r, world, seed, epoch, start_step) for r in range(world)]
-    steps = len(per_rank[0]) // accum
-    assert all(len(p) == steps * accum for p in per_rank)
-    return [[sorted(sum(per_rank[r][s * accum:(s + 1) * accum], [])) for r in range(world)] for s in range(steps)]
+def per_rank(batches, micro, accum, world, start_step=0):
+    out = [rank_batches(batches, micro, accum, r, world, start_step) for r in range(world)]
+    assert all(len(p) == (len(batches) - start_step) * accum for p in out)  # every rank runs every micro-step
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 7, 50, 96])
+@pytest.mark.parametrize("micro, accum, world", [(4, 1, 1), (2, 3, 2), (3, 1, 3), (1, 2, 3), (5, 2, 2)])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_every_record_exactly_once_per_epoch_on_any_number_of_ranks(n, micro, accum, world, grouped):
+    B = micro * accum * world
+    rng = np.random.default_rng(n)
+    lengths, has_image = rng.integers(5, 50, n), rng.random(n) < 0.6
+    batches = epoch_batches(np.zeros(n, int), B, seed=1, epoch=3, lengths=lengths if grouped else None, has_image=has_image)
+    assert len(batches) == steps_per_epoch(n, B)  # grouped too: the two kinds' remainders share batches
+    ranks = per_rank(batches, micro, accum, world)
+    seen = [i for p in ranks for b in p for i in b if i >= 0]
+    assert sorted(seen) == list(range(n))  # exactly once, across all ranks
+    for p in ranks:
+        for b in p:  # a micro-batch is real records, or one stand-in (~i) where the last batch ran short
+            assert b and (min(b) >= 0 or (len(b) == 1 and b[0] < 0))
+    for s, chunk in enumerate(batches):
+        if len(chunk) == B:  # a full global batch: micro records per micro-batch, no stand-ins
+            assert all(len(p[s * accum + k]) == micro and min(p[s * accum + k]) >= 0 for p in ranks for k in range(accum))
 
 
 def test_one_process_with_accumulation_equals_two_ranks():
-    n = 103
-    one = global_batches(n, 4, 2, 1, seed=7, epoch=0)
-    two = global_batches(n, 4, 1, 2, seed=7, epoch=0)
-    assert len(one) == len(two) == steps_per_epoch(n, 8) == 12
-    for (a,), (r0, r1) in zip(one, two):
-        assert sorted(r0 + r1) == a and not set(r0) & set(r1)
-    # the k-th micro-batch of a step on one process is rank k's micro-batch
-    m1 = rank_batches(n, 4, 2, 0, 1, 7, 0)
-    assert m1[0::2] == rank_batches(n, 4, 1, 0, 2, 7, 0) and m1[1::2] == rank_batches(n, 4, 1, 1, 2, 7, 0)
-
-
-@pytest.mark.parametrize("micro, accum, world", [(4, 1, 1), (2, 3, 2), (3, 1, 4), (1, 2, 3)])
-def test_each_index_at_most_once_per_epoch_and_ranks_disjoint(micro, accum, world):
-    n = 50
-    seen = [i for r in range(world) for b in rank_batches(n, micro, accum, r, world, 1, 3) for i in b]
-    B = micro * accum * world
-    assert len(seen) == len(set(seen)) == (n // B) * B
-    assert all(0 <= i < n for i in seen)
-    for r in range(world):
-        assert all(len(b) == micro for b in rank_batches(n, micro, accum, r, world, 1, 3))
+    batches = epoch_batches(np.zeros(103, int), 8, seed=7, epoch=0)
+    assert len(batches) == 13 and len(batches[-1]) == 7
+    (one,), (r0, r1) = per_rank(batches, 4, 2, 1), per_rank(batches, 4, 1, 2)
+    assert one[0::2] == r0 and one[1::2] == r1  # the k-th micro-batch of a step on one process is rank k's
 
 
 def test_sampling_is_deterministic_per_seed_and_epoch():
-    a = rank_batches(64, 4, 2, 1, 2, seed=5, epoch=0)
-    assert a == rank_batches(64, 4, 2, 1, 2, seed=5, epoch=0)
-    assert a != rank_batches(64, 4, 2, 1, 2, seed=5, epoch=1)
-    assert a != rank_batches(64, 4, 2, 1, 2, seed=6, epoch=0)
-    assert sorted(sum(a, [])) != sum(a, [])  # shuffled
+    a = [b.tolist() for b in epoch_batches(np.zeros(64, int), 8, seed=5, epoch=0)]
+    assert a == [b.tolist() for b in epoch_batches(np.zeros(64, int), 8, seed=5, epoch=0)]
+    assert a != [b.tolist() for b in epoch_batches(np.zeros(64, int), 8, seed=5, epoch=1)]
+    assert a != [b.tolist() for b in epoch_batches(np.zeros(64, int), 8, seed=6, epoch=0)]
+    assert sum(a, []) != list(range(64))  # shuffled
 
 
-@pytest.mark.parametrize("start_step", [0, 1, 3, 7, 8])
+@pytest.mark.parametrize("start_step", [0, 1, 3, 8, 9])
 def test_resume_gives_the_tail_of_the_same_sequence(start_step):
-    for rank in range(2):
-        full = rank_batches(70, 2, 2, rank, 2, 11, 4)
-        assert rank_batches(70, 2, 2, rank, 2, 11, 4, start_step) == full[start_step * 2:]
+    batches = epoch_batches(np.zeros(70, int), 8, seed=11, epoch=4)
+    full, tail = per_rank(batches, 2, 2, 2), per_rank(batches, 2, 2, 2, start_step)
+    assert all(t == f[start_step * 2:] for t, f in zip(tail, full))
 
 
-def test_curriculum_takes_the_files_in_order_each_shuffled():
-    order = epoch_order([30, 20], seed=3, epoch=0, curriculum=True)
+def test_curriculum_takes_the_sources_in_order_each_shuffled():
+    sources = np.array([0] * 30 + [1] * 20)
+    order = epoch_order(sources, seed=3, epoch=0, curriculum=True).tolist()
     assert sorted(order[:30]) == list(range(30)) and sorted(order[30:]) == list(range(30, 50))
-    assert order[:30] != list(range(30)) and order[30:] != list(range(30, 50))  # shuffled within each file
-    mixed = epoch_order([30, 20], seed=3, epoch=0)
+    assert order[:30] != list(range(30)) and order[30:] != list(range(30, 50))
+    mixed = epoch_order(sources, seed=3, epoch=0).tolist()
     assert sorted(mixed) == list(range(50)) and set(mixed[:30]) != set(range(30))
-    # the distributed contract holds for a curriculum too: one process x 2 micro-steps == 2 ranks
-    one = rank_batches([30, 20], 4, 2, 0, 1, 3, 0, curriculum=True)
-    assert one[0::2] == rank_batches([30, 20], 4, 1, 0, 2, 3, 0, curriculum=True)
-    assert one[1::2] == rank_batches([30, 20], 4, 1, 1, 2, 3, 0, curriculum=True)
+    batches = epoch_batches(sources, 8, seed=3, epoch=0, curriculum=True)
+    assert [len(set(sources[b])) for b in batches] == [1] * len(batches)  # no batch mixes two stages
+    assert [int(sources[b[0]]) for b in batches] == [0] * 4 + [1] * 3
 
 
-def test_dataset_counts_records_per_file_and_applies_each_files_template(shapes, tokenizer):
-    d = SupervisedDataset(f"{shapes / 'captions.json'},{shapes / 'train.json'}", str(shapes), tokenizer,
-                          "plain,vicuna_v1", 4, 32, CLIP_MEAN, CLIP_STD)
-    n_captions, n_train = (len(json.loads((shapes / f).read_text())) for f in ("captions.json", "train.json"))
-    assert d.file_sizes == [n_captions, n_train]
-    first_caption, first_chat = d.samples[0][0].tolist(), d.samples[n_captions][0].tolist()
-    assert "USER" not in tokenizer.decode(first_caption) and "USER:" in tokenizer.decode(first_chat)
+def test_a_zero_multiple_leaves_a_source_out():
+    sources = np.array([0] * 10 + [1] * 5)
+    order = epoch_order(sources, seed=1, epoch=0, multiples=[0, 1]).tolist()
+    assert sorted(order) == list(range(10, 15))
+    assert sorted(epoch_order(sources, seed=1, epoch=0, multiples=[1, 1, 3]).tolist()) == list(range(15))  # source 2: no records
+
+
+def test_data_multiple_replicates_each_source():
+    sources = np.array([0] * 10 + [1] * 20 + [2] * 8)
+    order = epoch_order(sources, seed=1, epoch=0, multiples=[2, 0.5, 1.5])
+    counts = np.bincount(order, minlength=38)
+    assert (counts[:10] == 2).all() and counts[10:30].sum() == 10 and set(counts[10:30]) == {0, 1}
+    assert counts[30:].sum() == 12 and set(counts[30:]) == {1, 2}
+    again = epoch_order(sources, seed=1, epoch=1, multiples=[2, 0.5, 1.5])
+    assert set(np.flatnonzero(np.bincount(again, minlength=38)[10:30])) != set(np.flatnonzero(counts[10:30]))
+
+
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])  # LLaVA #715: no text-only records crashed its sampler
+def test_group_by_modality_length_keeps_kinds_apart_and_sorts(share):
+    n, B = 61, 8
+    rng = np.random.default_rng(0)
+    lengths, has_image = rng.integers(5, 500, n), rng.random(n) >= share
+    batches = global_batches(rng.permutation(n), B, lengths, has_image, seed=0, epoch=0)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(n))
+    full = [b for b in batches if len(b) == B]
+    assert len(full) >= (has_image.sum() // B) + ((~has_image).sum() // B)
+    for b in full[:len(full) - 1]:
+        assert len(set(has_image[b])) == 1  # one kind per batch (only the remainders mix)
+        assert (np.diff(lengths[b]) <= 0).all()  # longest first

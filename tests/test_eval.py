@@ -26,3 +26,18 @@ def test_iou():
 ])
 def test_is_correct(prediction, answer, right):
     assert is_correct(prediction, answer) is right
+
+
+@pytest.mark.parametrize("name", ["gpt2", "qwen", "llama"])
+def test_stop_string_is_found_in_the_text_however_it_was_tokenized(real_tokenizers, name):
+    import torch
+
+    from sample import ends_with_text
+    tok = real_tokenizers[name]
+    merged = tok("It is red.</s>", add_special_tokens=False)["input_ids"]
+    alone = tok("</s>", add_special_tokens=False)["input_ids"]
+    if name != "llama":  # in context the string is other tokens than alone: fixed ids would never match
+        assert merged[-len(alone):] != alone
+    done = ends_with_text(tok, "</s>")
+    batch = torch.tensor([merged, tok("It is red, and blue.", add_special_tokens=False)["input_ids"][:len(merged)]])
+    assert done(batch).tolist() == [True, False]

@@ -152,11 +152,11 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.mark.parametrize("name", [n for n, t in TEMPLATES.items() if t["style"] in ("plain", "two")])
+@pytest.mark.parametrize("name", [n for n, t in TEMPLATES.items() if t["style"] != "auto"])
 @pytest.mark.parametrize("image_as_part", [True, False])
 def test_jinja_chat_template_renders_like_conversation(tokenizer, name, image_as_part):
     jinja = jinja_chat_template(name, tokenizer)
-    convs = CONVERSATIONS if TEMPLATES[name]["style"] == "two" else [CONVERSATIONS[0], CONVERSATIONS[0][:1]]
+    convs = CONVERSATIONS if TEMPLATES[name]["style"] != "plain" else [CONVERSATIONS[0], CONVERSATIONS[0][:1]]
     for chat in convs:
         prompt = chat[-1]["from"] == "human"
         text = tokenizer.apply_chat_template(hf_messages(chat, image_as_part), chat_template=jinja, tokenize=False,

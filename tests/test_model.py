@@ -9,7 +9,7 @@ from conftest import TINY_LLM, TINY_TOWER
 from transformers import AutoModelForCausalLM, CLIPConfig, CLIPModel
 
 from conversation import tokenize
-from data import SupervisedDataset, collate
+from data import ShardDataset, collate, preprocess
 from model import VLM, VisionTower, build_projector, hf_config, load, resize_embeddings, save
 
 SIGLIP = dict(TINY_TOWER, model_type="siglip_vision_model")
@@ -51,9 +51,11 @@ def model(tokenizer):
 
 
 def get_batch(shapes, tokenizer, model, n=4, start=0):
-    t = model.vision_tower
-    d = SupervisedDataset(str(shapes / "train.json"), str(shapes), tokenizer, "vicuna_v1", model.num_image_tokens,
-                          t.image_size, t.image_mean, t.image_std)
+    """n records of the shapes train set from shards made (once per image-token count) in the fixture's folder."""
+    t, k = model.vision_tower, model.num_image_tokens
+    out = str(shapes / f"shards-{k}")
+    preprocess(str(shapes / "train.json"), str(shapes), out, tokenizer, "vicuna_v1", k, num_proc=1, quiet=True)
+    d = ShardDataset(out, t.image_size, t.image_mean, t.image_std)
     return collate([d[i] for i in range(start, start + n)], tokenizer.pad_token_id)
 
 
@@ -192,6 +194,16 @@ def test_loss_equals_full_logits_reference_for_each_llm(shapes, tokenizer, famil
     torch.testing.assert_close(loss, ref, rtol=0, atol=1e-5)
 
 
+def test_an_llm_whose_logits_lm_head_does_not_reproduce_is_refused(tokenizer):
+    # FalconH1 multiplies its logits by lm_head_multiplier, which lm_head does not apply: training would
+    # fit other logits than generation uses, so the model is refused at construction
+    falcon = dict(model_type="falcon_h1", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, lm_head_multiplier=0.25, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
+                  mamba_d_state=8, mamba_chunk_size=8)
+    with pytest.raises(ValueError, match="falcon_h1: its forward changes the logits"):
+        make_model(tokenizer, model_name_or_path=falcon)
+
+
 def test_embed_writes_features_at_image_positions(shapes, tokenizer, model):
     batch = get_batch(shapes, tokenizer, model, n=3)
     with torch.no_grad():
@@ -319,7 +331,8 @@ def test_generate_stops_at_a_stop_sequence(shapes, tokenizer, gen_model):
         input_ids[i, T - len(p):], mask[i, T - len(p):] = torch.tensor(p), 1
     free = gen_model.generate(input_ids, mask, pixels, max_new_tokens=10)
     seq = free[0, 3:5].tolist()  # a stop string of two tokens, as row 0 writes it at steps 4 and 5
-    out = gen_model.generate(input_ids, mask, pixels, max_new_tokens=10, stop_sequences=[seq])
+    ends_with_seq = lambda new: (new[:, -2:] == torch.tensor(seq)).all(1) if new.shape[1] >= 2 else torch.zeros(2, dtype=torch.bool)  # noqa: E731
+    out = gen_model.generate(input_ids, mask, pixels, max_new_tokens=10, stop=ends_with_seq)
     first = next(i for i in range(1, 10) if free[0, i - 1:i + 1].tolist() == seq)
     assert out[0, :first + 1].tolist() == free[0, :first + 1].tolist()
     assert (out[0, first + 1:] == out[0, first]).all()  # then repeats its last token

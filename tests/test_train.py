@@ -51,7 +51,7 @@ def test_loss_decreases(trained):
 
 def test_checkpoints_are_complete(run_a, shapes, tokenizer):
     names = sorted(p.name for p in run_a.out_dir.iterdir())
-    assert names == ["ckpt-0000003", "ckpt-0000006"]  # no .tmp left behind, no eval.json (eval_data_path='')
+    assert names == ["ckpt-0000003", "ckpt-0000006", "data"]  # no .tmp left behind, no eval.json (eval_data_path=''); data: the shards
     for step in (3, 6):
         ckpt = run_a.out_dir / f"ckpt-{step:07d}"
         files = {p.name for p in ckpt.iterdir()}
@@ -69,7 +69,7 @@ def test_checkpoints_are_complete(run_a, shapes, tokenizer):
 
 
 def test_keep_last_prunes_old_checkpoints(trained):
-    assert sorted(p.name for p in trained.out_dir.iterdir()) == ["ckpt-0000150", "eval.json"]
+    assert sorted(p.name for p in trained.out_dir.iterdir()) == ["ckpt-0000150", "data", "eval.json"]
 
 
 def test_checkpoint_loads_and_evaluates_the_same(trained, shapes):
