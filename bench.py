@@ -325,6 +325,33 @@ def bench_lora_memory(r=32, T=256):
               f"{mib(state)} | {mib(peak)} | {seconds:.1f} s ({device}) |")
 
 
+def bench_parallel(steps=4, width=512, layers=8, batch_size=16, nproc=2):
+    """train.py itself under torchrun on `nproc` processes (gloo on a CPU, nccl on GPUs), for an LLM of
+    `layers` x `width` (about 12 width^2 layers parameters) on the shapes data, the tower training too:
+    DDP and FSDP (ZeRO-3 and ZeRO-2), each without and with activation checkpointing. Its own log line
+    gives the figures of the last step: peak memory (the largest process's), tokens/s, FLOP/s (and MFU)."""
+    import re
+    import subprocess
+    llm = dict(model_type="llama", hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+               num_attention_heads=width // 64, num_key_value_heads=width // 64, max_position_embeddings=512)
+    print(f"{nproc} processes, LLM {layers} x {width}, global batch {batch_size}, {steps} steps; the last step's log line")
+    print("| parallel | activation checkpointing | peak memory per process | tokens/s | TFLOP/s per process |")
+    print("|---|---|---|---|---|")
+    for parallel, reshard in (("ddp", True), ("fsdp", True), ("fsdp", False)):
+        for ac in (False, True):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+                   f"--model_name_or_path={llm}", f"--parallel={parallel}", f"--fsdp_reshard_after_forward={reshard}",
+                   f"--activation_checkpointing={ac}", f"--batch_size={batch_size // nproc}", f"--max_iters={steps}",
+                   "--log_interval=1", "--eval_interval=100000", "--eval_data_path=", "--val_data_path=", "--out_dir=out-bench-parallel"]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc))})
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith(f"step {steps}/")]
+            if out.returncode or not line:
+                sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+            m = re.search(r"\| (\d+) tok/s .*?\| ([\d.e+-]+) TFLOP/s per process(, MFU [\d.]+%)? \| peak mem ([\d.]+) GiB", line[0])
+            name = parallel if parallel == "ddp" else f"fsdp, reshard_after_forward={reshard}"
+            print(f"| {name} | {ac} | {float(m[4]):.2f} GiB | {m[1]} | {m[2]}{m[3] or ''} |")
+
+
 if __name__ == "__main__":
     globals().update(configurator.configure(dict(what=what, seed=seed), sys.argv[1:]))
     names = [n[len("bench_"):] for n in list(globals()) if n.startswith("bench_")]

@@ -109,8 +109,7 @@ def lora_config(model):
     wrappers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     m = next(iter(wrappers.values()))
     return dict(targets=list(wrappers), r=m.r, alpha=m.alpha, dropout=m.dropout_p, rslora=m.rslora,
-                base_dtype=str(m.base.weight.dtype).removeprefix("torch."),
-                base_checksum=base_checksum(model, lora_state_dict(model)))
+                base_dtype=str(m.base.weight.dtype).removeprefix("torch."))
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ model.safetensors holds only what trains, and config.json names the folder of th
 write and read the folder of transformers' LlavaForConditionalGeneration instead (export.py).
 """
 import copy
+import functools
 import json
 import math
 import os
@@ -20,7 +21,8 @@ import re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import lora
@@ -152,6 +154,89 @@ def merge_patches(feats, k):
         raise ValueError(f"mm_patch_merge={k} needs a square grid of patches divisible by {k}, got {n} patches")
     x = feats.reshape(N, h // k, k, h // k, k, C).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(N, (h // k) ** 2, k * k * C)
+
+
+def blocks(module):
+    """The repeated blocks of a Hugging Face model: its decoder or encoder layers (the classes that it names
+    in _no_split_modules, where they sit in a ModuleList; the outermost where they nest, as ConvNeXt's
+    stages hold its layers). They are the units of activation checkpointing and of FSDP (train.py)."""
+    kinds, out, inside = set(getattr(module, "_no_split_modules", None) or ()), [], set()
+    for m in module.modules():
+        if isinstance(m, nn.ModuleList):
+            for child in m:
+                if type(child).__name__ in kinds and id(child) not in inside:
+                    out.append(child)
+                    inside.update(id(x) for x in child.modules())
+    return out
+
+
+def checkpoint_blocks(modules):
+    """Activation checkpointing: each block keeps only its inputs in forward, and runs again in backward to
+    get the activations its gradients need (torch.utils.checkpoint, non-reentrant: keyword arguments and
+    the dropout RNG are handled). Activation memory falls from all blocks' to one block's, for about one
+    more forward of compute."""
+    for block in modules:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def train_flops(model):
+    """-> flops(batch): an estimate of the FLOPs of a training step (forward and backward) on a batch, for
+    the MFU in train.py's log. The LLM: 2 per weight and token forward, plus attention (4 x layers x width
+    per token and position attended to), plus its head on the trained positions only (the loss makes no
+    other logits). The tower: its forward on one image, measured here once, per image. Each part counts
+    1x its forward when it only runs forward (a frozen tower), 2x when gradients pass through it to a part
+    that trains (a frozen or LoRA LLM under the projector), 3x when its own weights train (the 6N rule);
+    attention 3x whenever gradients pass. Padding is not counted: MFU credits the model's work only.
+    Call it while the model is whole (before FSDP) and its trainable parameters are set."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def passes(module, under_trained):
+        grads_through = under_trained or any(p.requires_grad for p in module.parameters())
+        return 1 + grads_through + any(p.requires_grad and not lora.is_lora(n) for n, p in module.named_parameters())
+
+    llm, tower = model.llm, model.vision_tower
+    embeddings = {id(p) for m in llm.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    head = llm.get_output_embeddings().weight
+    body = sum(p.numel() for n, p in llm.named_parameters() if id(p) not in embeddings and p is not head and not lora.is_lora(n))
+    adapters = sum(p.numel() for n, p in llm.named_parameters() if lora.is_lora(n))  # they train: 3x
+    layers, width, vocab = llm.config.num_hidden_layers, llm.config.hidden_size, head.shape[0]
+    llm_passes, tower_passes = passes(llm, True), passes(tower, False)  # the projector always trains
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        p = next(tower.parameters())
+        tower(torch.zeros(1, 3, tower.image_size, tower.image_size, device=p.device, dtype=p.dtype))
+    per_image = counter.get_total_flops()
+
+    def flops(batch):
+        lengths = batch["attention_mask"].sum(1).double()
+        trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        # attention multiplies activations by activations: a backward through it is always 2 forwards
+        attention = (3 if llm_passes > 1 else 1) * 4 * layers * width * (lengths ** 2).sum()
+        return float(llm_passes * (2 * body * lengths.sum() + 2 * width * vocab * trained) + attention
+                     + 3 * 2 * adapters * lengths.sum() + tower_passes * per_image * len(batch["pixel_values"]))
+    return flops
+
+
+def load_projector(model, path):
+    """Start from a trained projector (LLaVA's pretrain_mm_mlp_adapter: stage 2 from stage 1): a glimpse
+    checkpoint folder (its trainable.safetensors, else model.safetensors) or out_dir (its newest), a .safetensors file, or LLaVA's
+    mm_projector.bin (tensors only: torch.load with weights_only=True). The keys are those that end in
+    mm_projector.<name>; names and shapes must fit this model's projector."""
+    if os.path.isdir(path) and checkpoints(path):  # a run's out_dir: its newest checkpoint
+        path = checkpoints(path)[-1]
+    if os.path.isdir(path):  # what trained in that run alone if it was written, else the whole model
+        trainable = os.path.join(path, "trainable.safetensors")
+        path = trainable if os.path.exists(trainable) else os.path.join(path, "model.safetensors")
+    try:
+        state = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"pretrain_mm_mlp_adapter={path}: cannot read it ({e})") from e
+    weights = {k.split("mm_projector.", 1)[1]: v for k, v in state.items() if "mm_projector." in k}
+    if not weights:
+        raise ValueError(f"pretrain_mm_mlp_adapter={path}: it holds no mm_projector weights")
+    try:
+        model.mm_projector.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"pretrain_mm_mlp_adapter={path} does not fit this model's projector: {e}") from e
 
 
 def resize_embeddings(llm, vocab_size):
@@ -414,24 +499,30 @@ def is_hf_llava(path):
         return json.load(f).get("model_type") == "llava"
 
 
-def save(model, path, extra_config=None):
-    """Write config.json and model.safetensors into the folder `path`. A model with LoRA adapters writes
-    only them and the other trainable weights, and under "lora" in config.json their settings and
-    model.lora_base, the folder that holds the frozen rest (train.py sets it; lora.merge_lora first
-    to save the whole model)."""
+def save(model, path, extra_config=None, state=None):
+    """Write config.json and model.safetensors into the folder `path`: the model's weights, or `state`,
+    the same gathered from FSDP's shards (train.py). A model with LoRA adapters writes only what trains,
+    and under "lora" in config.json the adapters' settings and model.lora_base, the folder of the frozen
+    rest (train.py sets it; lora.merge_lora first to save the whole model)."""
     os.makedirs(path, exist_ok=True)
     adapters = None
     if lora.has_lora(model):
         if not getattr(model, "lora_base", None):
             raise ValueError("a model with LoRA adapters saves only what trains: set model.lora_base to the "
                              "folder of its base, or merge_lora it first")
-        adapters = {**lora.lora_config(model), "base": model.lora_base}
+        adapters = {**lora.lora_config(model), "base": model.lora_base, "base_checksum": model.lora_checksum}
+        state = lora.lora_state_dict(model) if state is None else state
+    elif state is None:
+        state = model.state_dict()
+    # one name for a weight that has several (tied embeddings): safetensors stores a tensor once
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    again = {n for group in names.values() for n in group[1:]}
+    state = {k: v.contiguous() for k, v in state.items() if k not in again}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump({"model": model.config, **({"lora": adapters} if adapters else {}), **(extra_config or {})}, f, indent=1)
-    if adapters:
-        save_file(lora.lora_state_dict(model), os.path.join(path, "model.safetensors"))
-    else:
-        save_model(model, os.path.join(path, "model.safetensors"))  # handles tied embeddings
+    save_file(state, os.path.join(path, "model.safetensors"))
 
 
 def checkpoints(out_dir):
@@ -475,7 +566,8 @@ def load_lora(path, config, device="cpu"):
         state = load_file(os.path.join(path, "model.safetensors"), device=str(device))
     except Exception as e:
         raise RuntimeError(f"{path}/model.safetensors: cannot read the LoRA weights ({e})") from e
-    if not math.isclose(lora.base_checksum(model, state), c["base_checksum"], rel_tol=1e-9):
+    model.lora_checksum = lora.base_checksum(model, state)
+    if not math.isclose(model.lora_checksum, c["base_checksum"], rel_tol=1e-9):
         raise ValueError(f"{path}: its base {c['base']} is not the one its adapters were trained on (it has changed)")
     try:
         lora.load_lora_state_dict(model, state)

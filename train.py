@@ -7,11 +7,14 @@ Train a vision-language model: image -> vision tower -> projector -> LLM.
 
 The defaults below are the tiny shapes run (config/train_shapes.py restates them). Which parts train
 is config, not code: stage 1 of LLaVA trains the projector only (tune_mm_mlp_adapter=True), stage 2
-the projector and the LLM; the vision tower trains when unfreeze_mm_vision_tower=True.
+the projector and the LLM; the vision tower trains when unfreeze_mm_vision_tower=True. Under torchrun the
+model is replicated (parallel='ddp') or sharded (parallel='fsdp': FSDP2, for models that do not fit one
+device with their gradients and optimizer state).
 """
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -21,14 +24,20 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoTokenizer
 
 import configurator
 from conversation import chat_template
 from data import ShardDataset, collate, epoch_batches, global_batches, per_source, preprocess, rank_batches, read_manifest
-from lora import apply_lora, find_targets, has_lora, is_lora
-from model import VLM, checkpoints, load, save
+from lora import apply_lora, base_checksum, find_targets, has_lora, is_lora
+from model import VLM, blocks, checkpoint_blocks, checkpoints, load, load_projector, save, train_flops
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -70,6 +79,7 @@ mm_vision_select_layer = -1  # hidden state fed to the projector (LLaVA: -2)
 mm_vision_select_feature = "patch"  # 'patch' or 'cls_patch'
 mm_patch_merge = 1  # k: each k x k block of patches becomes one image token (k^2 fewer tokens)
 mm_projector_type = "mlp2x_gelu"
+pretrain_mm_mlp_adapter = ""  # start the projector from stage 1's: its checkpoint folder, a .safetensors, or LLaVA's mm_projector.bin
 # what trains
 tune_mm_mlp_adapter = False  # True: the projector only (LLaVA stage 1)
 freeze_backbone = False  # True: the LLM stays frozen
@@ -99,6 +109,11 @@ weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.98
 grad_clip = 1.0  # 0 disables
+# parallelism and memory (under torchrun)
+parallel = "ddp"  # 'ddp': a replica per process; 'fsdp': FSDP2, parameters, gradients and AdamW state sharded
+fsdp_reshard_after_forward = True  # True frees gathered weights after forward (ZeRO-3), False keeps them for backward (ZeRO-2)
+activation_checkpointing = False  # recompute each block of the LLM (and of a training tower) in backward: less memory, ~1/3 more compute
+peak_flops = 0.0  # the device's peak FLOP/s at dtype, for the MFU in the log; 0: known GPUs are looked up
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"  # bf16 is slow on CPUs
@@ -110,7 +125,10 @@ config = configurator.configure({k: globals()[k] for k in config_keys}, sys.argv
 globals().update(config)
 # -----------------------------------------------------------------------------
 
-ddp = int(os.environ.get("RANK", -1)) != -1
+ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun: DDP, or FSDP with parallel='fsdp'
+if parallel not in ("ddp", "fsdp"):
+    raise ValueError(f"parallel={parallel!r}: use 'ddp' or 'fsdp'")
+fsdp = ddp and parallel == "fsdp"
 if ddp:
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -123,7 +141,9 @@ master = rank == 0
 torch.manual_seed(seed)  # every rank builds the same random init
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+# bf16: autocast over fp32 weights, or under FSDP its mixed-precision policy (bf16 copies of the gathered
+# weights for compute, gradients reduced in fp32 onto fp32 shards)
+autocast = nullcontext() if ptdtype == torch.float32 or fsdp else torch.autocast(device_type, dtype=ptdtype)
 # the global batch is batch_size * gradient_accumulation_steps records: ranks share the accumulation
 # steps when they divide evenly, else each micro-batch (so the default also runs on 2 processes)
 if gradient_accumulation_steps % world == 0:
@@ -199,7 +219,9 @@ if lora_enable and not has_lora(model):
 elif has_lora(model) and not lora_enable:
     raise ValueError(f"{ckpt} has LoRA adapters: train them on with lora_enable=True, or merge them into the "
                      "weights first (python export.py --ckpt=... --merged_dir=...)")
-model.to(device)  # after LoRA: a base kept in bf16 never sits on the device in fp32
+if pretrain_mm_mlp_adapter:
+    load_projector(model, pretrain_mm_mlp_adapter)
+    log(f"projector from {pretrain_mm_mlp_adapter}")
 
 # what trains, and at which learning rate (stages are configs); with LoRA, the LLM (and with
 # lora_vision_tower the tower) trains through its adapters only
@@ -210,32 +232,73 @@ if not tune_mm_mlp_adapter:
         parts.append((model.llm, learning_rate))
     if unfreeze_mm_vision_tower or (lora_enable and lora_vision_tower):
         parts.append((model.vision_tower, mm_vision_tower_lr or learning_rate))
-groups = []
 for module, lr in parts:
     module.requires_grad_(True)
     if lora_enable and (module is model.llm or (module is model.vision_tower and lora_vision_tower)):
         for name, p in module.named_parameters():
             p.requires_grad_(is_lora(name))
     if module is model.vision_tower:
-        model.vision_tower.freeze_unused()  # e.g. layers after mm_vision_select_layer: DDP wants every
-    params = [p for p in module.parameters() if p.requires_grad]  # trainable parameter to get a gradient
-    groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "base_lr": lr},
-               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "base_lr": lr}]
-n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, trainable {n_train / 1e6:.2f}M; "
-    f"{model.num_image_tokens} tokens per image")
-optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=(beta1, beta2),
-                              fused=device_type == "cuda")
-if init_from == "resume":
-    optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location=device, weights_only=True))
-    with open(os.path.join(ckpt, "state.json")) as f:
-        state = json.load(f)
-    torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+        model.vision_tower.freeze_unused()  # e.g. layers after mm_vision_select_layer: DDP and FSDP want
+        # every trainable parameter to get a gradient
+for frozen in (model.vision_tower, model.llm):  # a frozen part never updates: fp32 would only take memory
+    if ptdtype != torch.float32 and not any(p.requires_grad for p in frozen.parameters()):
+        frozen.to(ptdtype)
+trained_names = {n for n, p in model.named_parameters() if p.requires_grad}
+if has_lora(model):  # what tells, when the adapters are loaded, that their base is still the same
+    model.lora_checksum = base_checksum(model, trained_names)
+n_params, n_train = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)
+log(f"parameters: {n_params / 1e6:.2f}M, trainable {n_train / 1e6:.2f}M; {model.num_image_tokens} tokens per image")
+
+
+step_flops = train_flops(model)  # the training FLOPs of a micro-batch, for the MFU in the log
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+             "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}  # dense, tensor cores
+if not peak_flops and device_type == "cuda" and ptdtype != torch.float32:
+    peak_flops = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name()), 0.0)
+
+# memory and parallelism: the blocks are the units of both
+if activation_checkpointing:  # a frozen tower runs without autograd: nothing to keep
+    recomputed = blocks(model.llm) + (blocks(model.vision_tower.encoder) if model.vision_tower.trainable else [])
+    checkpoint_blocks(recomputed)
+    log(f"activation checkpointing: {len(recomputed)} blocks")
 raw_model = model
+if fsdp:
+    # each block is an FSDP unit: its weights are all-gathered just before it runs and freed after, its
+    # gradients reduce-scattered as soon as backward leaves it; the root holds the rest (embeddings,
+    # projector, head). Frozen weights are sharded too and get no gradient memory.
+    mesh = dist.device_mesh.init_device_mesh(device_type, (world,))
+    mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32) if ptdtype != torch.float32 else MixedPrecisionPolicy()
+    for block in blocks(model.vision_tower.encoder) + blocks(model.llm):
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=fsdp_reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=fsdp_reshard_after_forward)
+model.to(device)  # after LoRA: a base kept in bf16 never sits on the device in fp32
 if compile:
     model = torch.compile(model)
-if ddp:
+if ddp and not fsdp:
     model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
+
+# AdamW over the trainable parameters (FSDP's shards, if sharded), a group per part for its learning rate;
+# no weight decay on biases, norms and embeddings
+no_decay = {id(p) for m in raw_model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+groups = []
+for module, lr in parts:
+    params = [p for p in module.parameters() if p.requires_grad]
+    decays = [p.dim() >= 2 and id(p) not in no_decay for p in params]
+    groups += [{"params": [p for p, d in zip(params, decays) if d], "weight_decay": weight_decay, "base_lr": lr},
+               {"params": [p for p, d in zip(params, decays) if not d], "weight_decay": 0.0, "base_lr": lr}]
+optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=(beta1, beta2),
+                              fused=device_type == "cuda")
+if init_from == "resume":  # the optimizer state, resharded to this run's processes; data position and RNG
+    optim_state = get_optimizer_state_dict(model, optimizer)  # the layout to fill (it makes AdamW's state exist)
+    dcp.load({"optimizer": optim_state}, checkpoint_id=os.path.join(ckpt, "optimizer"), no_dist=not ddp)
+    set_optimizer_state_dict(model, optimizer, optim_state)
+    with open(os.path.join(ckpt, "state.json")) as f:
+        state = json.load(f)
+    rng = state.pop("rng")  # each process's, of the run that saved: exact on as many processes, else rank % saved
+    rng = rng[rank % len(rng)]
+    torch.set_rng_state(torch.tensor(rng["cpu"], dtype=torch.uint8))
+    if device_type == "cuda" and rng.get("cuda"):
+        torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8))
 
 # data --------------------------------------------------------------------------
 tower = raw_model.vision_tower
@@ -281,9 +344,11 @@ log(f"train: {len(train_data)} records, {n_steps} steps of {global_batch} per ep
 
 
 def loader(dataset, batches):
+    # its own generator: a DataLoader would otherwise draw its workers' seed from the global RNG, at a point
+    # where a resumed run is not, and dropout would differ after a resume
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                                       collate_fn=lambda s: collate(s, tokenizer.pad_token_id),
-                                       persistent_workers=False, pin_memory=device_type == "cuda")
+                                       collate_fn=lambda s: collate(s, tokenizer.pad_token_id), pin_memory=device_type == "cuda",
+                                       generator=torch.Generator().manual_seed(seed))
 
 
 def train_batches():
@@ -329,20 +394,41 @@ def estimate_val_loss():
 
 
 def save_checkpoint():
-    """out_dir/ckpt-<step>/: written under a .tmp name and renamed when complete, so a crash never
-    leaves a half-written checkpoint; then all but the keep_last newest are removed."""
+    """out_dir/ckpt-<step>/: the weights as one safetensors file (gathered from the shards under FSDP), the
+    optimizer state as torch.distributed.checkpoint shards (each process writes its own; a resume on
+    another number of processes reshards them), the step, data position and every process's RNG. Written
+    under a .tmp name and renamed when complete, so a crash never leaves a half-written checkpoint; then
+    all but the keep_last newest are removed. Every process takes part."""
     path = os.path.join(out_dir, f"ckpt-{state['iter']:07d}")
     tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(raw_model, tmp, {"train": config})
-    tokenizer.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({**state, "rng": torch.get_rng_state().tolist()}, f)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    for old in checkpoints(out_dir)[:-keep_last]:
-        shutil.rmtree(old)
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if ddp:
+        dist.barrier()
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=os.path.join(tmp, "optimizer"), no_dist=not ddp)
+    # on rank 0, on the CPU: the whole model, or with LoRA what trains (its base is already on disk)
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                  ignore_frozen_params=has_lora(raw_model)))
+    rng = {"cpu": torch.get_rng_state().tolist(), "cuda": torch.cuda.get_rng_state().tolist() if device_type == "cuda" else None}
+    rngs = [None] * world
+    if ddp:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if master:
+        save(raw_model, tmp, {"train": config}, weights)
+        if not has_lora(raw_model) and (tune_mm_mlp_adapter or freeze_backbone):  # what trained, alone: stage 1's
+            save_file({k: v.contiguous() for k, v in weights.items() if k in trained_names},  # projector artefact
+                      os.path.join(tmp, "trainable.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({**state, "rng": rngs}, f)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        for old in checkpoints(out_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    if ddp:
+        dist.barrier()
     return path
 
 
@@ -351,12 +437,12 @@ if master:
     os.makedirs(out_dir, exist_ok=True)
     if wandb_log:
         import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir)
 model.train()
 raw_model.vision_tower.train(raw_model.vision_tower.trainable)  # a frozen tower runs without dropout
 batches = train_batches()
 t_start = time.time()
-t_log, tokens, supervised, ckpt_path = t_start, 0, 0, None
+t_log, counts, ckpt_path = t_start, torch.zeros(3, dtype=torch.float64), None  # tokens, trained tokens, FLOPs
 start_iter = state["iter"]
 while state["iter"] < max_iters:
     it = state["iter"]
@@ -366,60 +452,78 @@ while state["iter"] < max_iters:
     micro_batches = [to_device(next(batches)) for _ in range(accum)]
     # the step's loss is the mean over all trained tokens of the global batch, however the batch is
     # split over processes and micro-steps: weigh each micro-batch's mean by its share of the tokens
-    # (DDP then averages the processes' gradients, hence the factor world)
+    # (DDP and FSDP then average the processes' gradients, hence the factor world)
     n_tokens = [(b["labels"][:, 1:] != -100).sum() for b in micro_batches]
     n_global = torch.stack(n_tokens).sum().float()
     if ddp:
         dist.all_reduce(n_global)
     for micro, batch in enumerate(micro_batches):
-        if ddp:
-            model.require_backward_grad_sync = micro == accum - 1  # all-reduce once per step
+        if ddp and not fsdp:
+            model.require_backward_grad_sync = micro == accum - 1  # all-reduce once per step (FSDP: every micro-step)
         with autocast:
             loss = model(batch) * (n_tokens[micro] * world / n_global)
         loss.backward()
         loss_sum += loss.item()
         if n_tokens[micro]:  # not a stand-in for an empty micro-batch
-            tokens += int(batch["attention_mask"].sum()) * world
-            supervised += int((batch["labels"] != -100).sum()) * world
+            counts += torch.tensor([batch["attention_mask"].sum().item(), (batch["labels"] != -100).sum().item(), step_flops(batch)],
+                                   dtype=torch.float64)
     if not math.isfinite(loss_sum):
         raise FloatingPointError(f"step {it}: loss is {loss_sum}; stopping before the weights are damaged")
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip or float("inf"))
+    grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # FSDP: over all shards
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     state["iter"] += 1
     state["epoch_step"] += 1
     if state["iter"] % log_interval == 0 or state["iter"] == max_iters:
-        if ddp:  # the mean over ranks: the loss of the global batch
-            loss_sum = torch.tensor(loss_sum, device=device)
-            dist.all_reduce(loss_sum)
-            loss_sum = loss_sum.item() / world
+        # the loss of the global batch, all processes' tokens and FLOPs, the largest peak memory
+        memory = torch.cuda.max_memory_allocated() if device_type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        totals, memory = torch.tensor([loss_sum, *counts.tolist()], device=device), torch.tensor(float(memory), device=device)
+        if ddp:
+            dist.all_reduce(totals)
+            dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+        loss_sum, tokens, supervised, flops = totals[0].item() / world, *totals[1:].tolist()
+        memory = memory.item()
         now = time.time()
-        elapsed, rate = now - t_start, (state["iter"] - start_iter) / (now - t_start)
+        elapsed, rate, dt = now - t_start, (state["iter"] - start_iter) / (now - t_start), now - t_log
+        mfu = f", MFU {100 * flops / dt / (peak_flops * world):.1f}%" if peak_flops else ""
         log(f"step {state['iter']}/{max_iters} | loss {loss_sum:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
-            f"grad {grad_norm:.2f} | {tokens / (now - t_log):.0f} tok/s ({supervised / (now - t_log):.0f} trained) | "
+            f"grad {grad_norm:.2f} | {tokens / dt:.0f} tok/s ({supervised / dt:.0f} trained) | "
+            f"{flops / dt / 1e12 / world:.3g} TFLOP/s per process{mfu} | peak mem {memory / 2**30:.2f} GiB | "
             f"{elapsed / 60:.1f} min, ETA {(max_iters - state['iter']) / rate / 60:.1f} min")
         if wandb_log and master:
             wandb.log({"train/loss": loss_sum, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                       "tokens_per_s": tokens / (now - t_log)}, step=state["iter"])
-        t_log, tokens, supervised = now, 0, 0
+                       "tokens_per_s": tokens / dt, "trained_tokens_per_s": supervised / dt, "tflops_per_process": flops / dt / 1e12 / world,
+                       "peak_memory_gib": memory / 2**30, **({"mfu": flops / dt / (peak_flops * world)} if peak_flops else {})},
+                      step=state["iter"])
+        if device_type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t_log, counts = now, torch.zeros(3, dtype=torch.float64)
     if state["iter"] % eval_interval == 0 or state["iter"] == max_iters:
         if val_data is not None:
             val, shuffled = estimate_val_loss()
             log(f"step {state['iter']}: val loss {val:.4f}, with shuffled images {shuffled:.4f} (gap {shuffled - val:+.4f})")
             if wandb_log and master:
                 wandb.log({"val/loss": val, "val/loss_shuffled_images": shuffled}, step=state["iter"])
-        if master:
-            ckpt_path = save_checkpoint()
+        ckpt_path = save_checkpoint()
         t_log = time.time()  # evaluation is not training time
 
 log(f"trained {max_iters - start_iter} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint: {ckpt_path}")
 if master and eval_data_path and ckpt_path:
     from eval import evaluate, print_table
-    results = evaluate(raw_model, tokenizer, eval_data_path, eval_image_folder, chat_template(version), image_aspect_ratio)
+    # generation on rank 0 alone: under FSDP from the checkpoint's gathered weights, not from the shards
+    eval_model = load(ckpt_path, device)[0] if fsdp else raw_model
+    results = evaluate(eval_model, tokenizer, eval_data_path, eval_image_folder, chat_template(version), image_aspect_ratio)
     print_table(results)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(results, f, indent=1)
     log(f"wrote {os.path.join(out_dir, 'eval.json')}")
+if wandb_log and master:
+    wandb.finish()
 if ddp:
     dist.barrier()  # no rank leaves while rank 0 still writes
     dist.destroy_process_group()
+    # gloo's threads can still hold the last collectives' tensors, and letting go of them while Python shuts
+    # down aborts a process now and then (pytorch issue 190489); everything is written: leave without that
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)

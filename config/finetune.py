@@ -1,10 +1,18 @@
 # LLaVA-1.5 stage 2 (visual instruction tuning), as published in LLaVA's scripts/v1_5/finetune.sh:
-# the projector and the LLM train on the 665K mix with the vicuna_v1 template, starting from the
-# stage-1 checkpoint (config/pretrain.py). A 7B model in fp32 master weights with AdamW needs the
-# memory of FSDP (parallel='fsdp', a later issue) or LoRA on 8 x 80 GB; the recipe is the same.
+# the projector and the LLM train on the 665K mix with the vicuna_v1 template, the projector starting from
+# stage 1's (config/pretrain.py). A 7B model with fp32 master weights and AdamW takes ~108 GB before
+# activations: sharded over 8 GPUs with FSDP (LLaVA: ZeRO-3), blocks recomputed in backward (LLaVA:
+# gradient_checkpointing).
 # torchrun --standalone --nproc_per_node=8 train.py config/finetune.py
 out_dir = "out-llava-v1.5-7b"
-init_from = "out-llava-v1.5-7b-pretrain"  # the newest checkpoint of stage 1
+model_name_or_path = "lmsys/vicuna-7b-v1.5"
+tokenizer_name_or_path = None  # the LLM's own
+vision_tower = "openai/clip-vit-large-patch14-336"
+mm_vision_select_layer = -2
+mm_projector_type = "mlp2x_gelu"
+pretrain_mm_mlp_adapter = "out-llava-v1.5-7b-pretrain"  # the newest checkpoint of stage 1: its projector
+parallel = "fsdp"
+activation_checkpointing = True
 tune_mm_mlp_adapter = False
 freeze_backbone = False
 unfreeze_mm_vision_tower = False

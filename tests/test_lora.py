@@ -143,10 +143,10 @@ def test_bf16_base_halves_the_frozen_weights_and_trains_the_fp32_adapters(tokeni
 
 @pytest.fixture(scope="module")
 def lora_run(train, tmp_path_factory):
-    """6 steps of LoRA (r=4, all-linear) on a 128-wide LLM, the projector and the tower training fully,
-    a checkpoint every 3 steps. No adapter dropout: see test_exact_resume."""
+    """6 steps of LoRA (r=4, all-linear, dropout 0.05) on a 128-wide LLM, the projector and the tower training
+    fully, a checkpoint every 3 steps."""
     return train(tmp_path_factory.mktemp("lora_run"), model_name_or_path=WIDE_LLM, lora_enable=True, lora_r=4,
-                 lora_alpha=8, lora_dropout=0.0, max_iters=6, eval_interval=3, keep_last=2, eval_data_path="")
+                 lora_alpha=8, lora_dropout=0.05, max_iters=6, eval_interval=3, keep_last=2, eval_data_path="")
 
 
 def test_checkpoint_holds_adapters_and_the_other_trained_weights(lora_run):
@@ -155,7 +155,7 @@ def test_checkpoint_holds_adapters_and_the_other_trained_weights(lora_run):
     assert "LoRA r=4 alpha=8 on 14 Linears" in lora_run.stdout
     config = json.loads((out / "ckpt-0000006" / "config.json").read_text())
     c = config["lora"]
-    assert (c["r"], c["alpha"], c["dropout"], c["rslora"], c["base_dtype"]) == (4, 8, 0.0, False, "float32")
+    assert (c["r"], c["alpha"], c["dropout"], c["rslora"], c["base_dtype"]) == (4, 8, 0.05, False, "float32")
     assert c["base"] == str(out / "base") and len(c["targets"]) == 14
     base = load_file(str(out / "base" / "model.safetensors"))  # the model as built: a plain full checkpoint
     saved = load_file(str(out / "ckpt-0000006" / "model.safetensors"))
@@ -202,12 +202,12 @@ def test_checkpoint_loads_onto_its_base(lora_run, tmp_path):
 
 
 def test_exact_resume(lora_run, train, tmp_path):
-    """As tests/test_train.py::test_exact_resume, with LoRA. (With adapter dropout this holds once the
-    DataLoader stops drawing its seed from the global RNG, which a resumed run draws at another point.)"""
+    """As tests/test_train.py::test_exact_resume, with LoRA and its dropout: the masks after the resume are
+    those of the uninterrupted run (the RNG state comes back, and nothing else draws from it)."""
     out = tmp_path / "resumed"
     out.mkdir()
     shutil.copytree(lora_run.out_dir / "ckpt-0000003", out / "ckpt-0000003")  # its base stays where it is
-    resumed = train(out, model_name_or_path=WIDE_LLM, lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+    resumed = train(out, model_name_or_path=WIDE_LLM, lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.05,
                     max_iters=6, eval_interval=3, keep_last=2, eval_data_path="", init_from="resume")
     assert sorted(resumed.steps) == [4, 5, 6] and not (out / "base").exists()
     for step in (4, 5, 6):
@@ -217,19 +217,22 @@ def test_exact_resume(lora_run, train, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("base_dtype, tower", [("float32", False), ("bfloat16", True)])
-def test_two_processes_train_lora_like_one(train, tmp_path, base_dtype, tower):
-    """LoRA under DDP (2 gloo processes, each half of every batch) against one process, with
+@pytest.mark.parametrize("parallel, base_dtype, tower", [("ddp", "float32", False), ("fsdp", "float32", False),
+                                                         ("fsdp", "bfloat16", True)])
+def test_two_processes_train_lora_like_one(train, tmp_path, parallel, base_dtype, tower):
+    """LoRA under DDP and FSDP (2 gloo processes, each half of every batch) against one process, with
     tests/test_distributed.py's tolerance and reasons for the logged losses and gradient norms, and for the
     weights on a fp32 base. On a bf16 base the fp32-rounding differences of the two runs (reduction order)
     flip some bf16 roundings of the base's inputs; Adam turns such differences in near-zero gradients into
     lr-sized steps, so after 6 steps single elements of B differ by ~1% of B: the losses still agree to 1e-4,
     and the weights are not compared. No adapter dropout, whose masks depend on how the batch is split. The
-    tower is frozen as in LLaVA's LoRA recipe, or (the second case) trains through adapters too."""
+    tower is frozen as in LLaVA's LoRA recipe, or (the last case) trains through adapters too. Under FSDP, a
+    resume from step 3 on 2 processes continues exactly."""
     common = dict(max_iters=6, batch_size=4, val_data_path="", eval_data_path="", lora_enable=True, lora_r=4,
-                  lora_dropout=0.0, lora_base_dtype=base_dtype, unfreeze_mm_vision_tower=False, lora_vision_tower=tower)
+                  lora_dropout=0.0, lora_base_dtype=base_dtype, unfreeze_mm_vision_tower=False, lora_vision_tower=tower,
+                  eval_interval=3, keep_last=2)
     one = train(tmp_path / "one", **common)
-    two = train(tmp_path / "two", nproc=2, **common)
+    two = train(tmp_path / "two", nproc=2, parallel=parallel, **common)
     compare(one, two)
     a = load_file(str(tmp_path / "one" / "ckpt-0000006" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "ckpt-0000006" / "model.safetensors"))
@@ -239,6 +242,10 @@ def test_two_processes_train_lora_like_one(train, tmp_path, base_dtype, tower):
     assert json.loads((tmp_path / "two" / "ckpt-0000006" / "config.json").read_text())["lora"]["base_dtype"] == base_dtype
     for k in a if base_dtype == "float32" else []:
         assert (a[k] - b[k]).abs().max() <= 1e-4 * a[k].abs().max() + 1e-6, k
+    if parallel == "fsdp":
+        shutil.copytree(tmp_path / "two" / "ckpt-0000003", tmp_path / "resumed" / "ckpt-0000003")
+        resumed = train(tmp_path / "resumed", nproc=2, parallel=parallel, init_from="resume", **common)
+        assert all(resumed.steps[s] == two.steps[s] for s in (4, 5, 6))
 
 
 def test_export_merges_into_a_plain_glimpse_checkpoint_and_a_transformers_llava(lora_run, tmp_path):

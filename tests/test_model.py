@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, CLIPConfig, CLIPModel
 
 from conversation import tokenize
 from data import ShardDataset, collate, preprocess
-from model import VLM, VisionTower, build_projector, hf_config, load, resize_embeddings, save
+from model import (VLM, VisionTower, blocks, build_projector, checkpoint_blocks, hf_config, load, load_projector,
+                   resize_embeddings, save, train_flops)
 
 SIGLIP = dict(TINY_TOWER, model_type="siglip_vision_model")
 # One tiny random config per family (32-pixel images in 8-pixel patches: 16 patches), with the number of
@@ -494,3 +495,99 @@ def test_model_with_merge_has_fewer_image_tokens(shapes, tokenizer):
     assert m.num_image_tokens == 16
     batch = get_batch(shapes, tokenizer, m, n=2)
     assert torch.isfinite(m(batch))
+
+
+# blocks, activation checkpointing, a stage-1 projector ----------------------------------------------------
+
+def test_blocks_are_the_repeated_layers():
+    from transformers import AutoModel, AutoModelForCausalLM
+    for spec in LLMS.values():
+        llm = AutoModelForCausalLM.from_config(hf_config({"vocab_size": 300, **spec}))
+        found = blocks(llm)
+        assert len(found) == llm.config.num_hidden_layers and len({type(b) for b in found}) == 1, spec["model_type"]
+    for spec, _ in TOWERS.values():
+        assert len(blocks(AutoModel.from_config(hf_config(spec)))) == 1, spec["model_type"]
+    convnext = AutoModel.from_config(hf_config(dict(model_type="convnext", image_size=32, num_stages=2, hidden_sizes=[8, 16],
+                                                    depths=[2, 2])))
+    assert [type(b).__name__ for b in blocks(convnext)] == ["ConvNextStage"] * 2  # the outer blocks, not their layers
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(shapes, tokenizer):
+    # with dropout: the recomputation must draw the same masks (it restores the RNG state it saw)
+    plain, ckpt = (make_model(tokenizer, seed=4, model_name_or_path={**TINY_LLM, "attention_dropout": 0.3}).train()
+                   for _ in range(2))
+    for m in (plain, ckpt):
+        m.vision_tower.requires_grad_(True)
+    checkpoint_blocks(blocks(ckpt.llm) + blocks(ckpt.vision_tower.encoder))
+    runs = []
+    for m in (plain, ckpt):
+        batch = get_batch(shapes, tokenizer, m, n=3)
+        torch.manual_seed(0)
+        loss = m(batch)
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = runs
+    assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys() and len(grads_a) > 20
+    for k in grads_a:
+        torch.testing.assert_close(grads_b[k], grads_a[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_checkpointed_blocks_run_again_in_backward(tokenizer):
+    model = make_model(tokenizer, seed=1).train()
+    block = blocks(model.llm)[0]
+    runs = []
+    inner = block.self_attn.forward
+    block.self_attn.forward = lambda *a, **k: (runs.append(1), inner(*a, **k))[1]
+    ids = torch.randint(5, 300, (2, 12))
+    model.llm(input_ids=ids).logits.sum().backward()
+    assert len(runs) == 1
+    checkpoint_blocks([block])
+    model.llm(input_ids=ids).logits.sum().backward()
+    assert len(runs) == 3  # forward, then again in backward
+
+
+def test_load_projector_from_a_checkpoint_llava_bin_and_errors(tokenizer, tmp_path):
+    trained, fresh = make_model(tokenizer, seed=1), make_model(tokenizer, seed=2)
+    save(trained, tmp_path / "ckpt")
+    load_projector(fresh, str(tmp_path / "ckpt"))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.mm_projector.state_dict().values(), trained.mm_projector.state_dict().values()))
+    # LLaVA's stage-1 artefact: a torch-saved dict under model.mm_projector.*, the same layout as ours
+    llava = {f"model.mm_projector.{k}": v * 2 for k, v in trained.mm_projector.state_dict().items()}
+    torch.save(llava, tmp_path / "mm_projector.bin")
+    load_projector(fresh, str(tmp_path / "mm_projector.bin"))
+    assert torch.equal(fresh.mm_projector[0].weight, 2 * trained.mm_projector[0].weight)
+    torch.save({"model.embed_tokens.weight": torch.zeros(3)}, tmp_path / "other.bin")
+    with pytest.raises(ValueError, match="holds no mm_projector weights"):
+        load_projector(fresh, str(tmp_path / "other.bin"))
+    linear = make_model(tokenizer, mm_projector_type="linear")
+    with pytest.raises(ValueError, match="does not fit this model's projector"):
+        load_projector(linear, str(tmp_path / "ckpt"))
+
+
+@pytest.mark.parametrize("setup", ["full", "stage1", "frozen_tower", "lora"])
+def test_train_flops_estimate_is_near_the_counted_flops(shapes, tokenizer, setup):
+    """train_flops' estimate against torch's FlopCounterMode over a real forward and backward, per training
+    setup: what trains decides the backward work (a frozen LLM under the projector: gradients through it,
+    no weight gradients; a frozen tower: forward only). A 64-wide, 2-layer LLM, so that attention and the
+    head weigh as much as the weights, with eager attention (whose matmuls the counter sees) and rows
+    without padding (the estimate counts real tokens: padding is work that MFU does not credit)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import lora as lora_
+    llm = {**TINY_LLM, "hidden_size": 64, "intermediate_size": 256, "attn_implementation": "eager"}
+    model = make_model(tokenizer, model_name_or_path=llm).train()
+    model.requires_grad_(setup != "stage1")
+    model.mm_projector.requires_grad_(True)
+    if setup in ("frozen_tower", "lora"):
+        model.vision_tower.requires_grad_(False)
+    if setup == "lora":  # as train.py sets it: the LLM trains through its adapters only
+        lora_.apply_lora(model, lora_.find_targets(model), r=2, alpha=4)
+        for n, p in model.llm.named_parameters():
+            p.requires_grad_(lora_.is_lora(n))
+    one = get_batch(shapes, tokenizer, model, n=1)
+    batch = {k: v.repeat(3, *[1] * (v.dim() - 1)) for k, v in one.items()}
+    estimate = train_flops(model)(batch)
+    with FlopCounterMode(display=False) as counter:
+        model(batch).backward()
+    counted = counter.get_total_flops()
+    assert abs(estimate - counted) <= 0.05 * counted, (setup, estimate, counted)

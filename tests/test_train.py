@@ -2,11 +2,13 @@
 exact resume, stages, eval.json, and sample.py / eval.py on the result."""
 import json
 import math
+import re
 import shutil
+import subprocess
 import sys
 
 import pytest
-from conftest import run_script
+from conftest import REPO, run_script
 from safetensors.torch import load_file
 
 
@@ -55,7 +57,8 @@ def test_checkpoints_are_complete(run_a, shapes, tokenizer):
     for step in (3, 6):
         ckpt = run_a.out_dir / f"ckpt-{step:07d}"
         files = {p.name for p in ckpt.iterdir()}
-        assert {"config.json", "model.safetensors", "optimizer.pt", "state.json", "tokenizer_config.json"} <= files
+        assert {"config.json", "model.safetensors", "optimizer", "state.json", "tokenizer_config.json"} <= files
+        assert "trainable.safetensors" not in files  # only where the LLM is frozen (stage 1)
         assert "tokenizer.json" in files
         state = json.loads((ckpt / "state.json").read_text())
         assert (state["iter"], state["epoch"], state["epoch_step"]) == (step, 0, step)
@@ -133,6 +136,43 @@ def test_projector_only_stage_trains_only_the_projector(run_a, train, shapes, tm
     final = tensors(run_a.out_dir / "ckpt-0000006")
     assert not same(part(before, "llm."), part(final, "llm."))
     assert not same(part(before, "vision_tower."), part(final, "vision_tower."))
+    # what trained, alone (LLaVA's mm_projector.bin): the projector artefact that stage 2 starts from
+    assert same(load_file(str(tmp_path / "stage1" / "ckpt-0000003" / "trainable.safetensors")), proj_after)
+    stage2 = train(tmp_path / "stage2", pretrain_mm_mlp_adapter=tmp_path / "stage1" / "ckpt-0000003", max_iters=1,
+                   learning_rate=1e-9, min_lr=1e-9, val_data_path="", eval_data_path="")
+    assert "projector from" in stage2.stdout
+    after_one_step = part(tensors(tmp_path / "stage2" / "ckpt-0000001"), "mm_projector.")
+    assert all((after_one_step[k] - proj_after[k]).abs().max() < 1e-6 for k in proj_after)  # a random init is far
+
+
+def test_no_weight_decay_on_biases_norms_and_embeddings(train, tmp_path):
+    """One step with and without weight decay from the same start and data: AdamW's decay moves every
+    matrix but no bias, norm weight or embedding (tied to the head here)."""
+    runs = [train(tmp_path / str(wd), weight_decay=wd, max_iters=1, val_data_path="", eval_data_path="") for wd in (0.0, 0.5)]
+    a, b = (tensors(r.out_dir / "ckpt-0000001") for r in runs)
+    for k in a:
+        exempt = a[k].dim() < 2 or k.endswith(("embed_tokens.weight", "lm_head.weight", "position_embedding.weight"))
+        assert a[k].equal(b[k]) == exempt, k  # (CLIP's patch_embedding is a convolution: it decays)
+    assert "vision_tower.encoder.embeddings.position_embedding.weight" in a
+
+
+def test_logs_throughput_flops_memory_and_wandb_offline(shapes, tmp_path):
+    from conftest import train_args
+    import os
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = subprocess.run([sys.executable, "train.py"] + train_args(shapes, tmp_path, max_iters=2, wandb_log=True, eval_data_path="",
+                                                                    val_data_path="", wandb_run_name="t"),
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("step 2/2")][0]
+    assert re.search(r"\| \d+ tok/s \(\d+ trained\) \| [\d.e+-]+ TFLOP/s per process \| peak mem [\d.]+ GiB \|", line), line
+    # the run's full config and its logged values, in wandb's offline run file (protobuf records, whose
+    # keys are stored as plain strings), to be synced later with `wandb sync`
+    (record,) = (tmp_path / "wandb").glob("offline-run-*/*.wandb")
+    data = record.read_bytes()
+    for key in ("learning_rate", "lora_r", "fsdp_reshard_after_forward", "train/loss", "grad_norm", "tokens_per_s",
+                "tflops_per_process", "peak_memory_gib"):
+        assert key.encode() in data, key
 
 
 def test_sample_answers(trained, shapes):
