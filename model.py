@@ -320,11 +320,13 @@ class VLM(nn.Module):
         if pixel_values is None or len(pixel_values) == 0:
             if n:
                 raise ValueError(f"the batch has {n} image tokens but no pixel_values")
-            if torch.is_grad_enabled() and any(p.requires_grad for p in self.mm_projector.parameters()):
+            if torch.distributed.is_initialized() or \
+                    (torch.is_grad_enabled() and any(p.requires_grad for p in self.mm_projector.parameters())):
                 # a text-only batch still runs the image path, on one blank image times 0: the loss gains
                 # exactly 0, but every trainable parameter is in the graph with a zero gradient, as DDP and
                 # FSDP expect the same parameters to take part on every rank (and as one process must too,
-                # to take the same optimizer steps: AdamW moves a parameter with a zero gradient, not one without)
+                # to take the same optimizer steps: AdamW moves a parameter with a zero gradient, not one
+                # without); and under FSDP every rank gathers the tower's weights, in eval too
                 size = self.vision_tower.image_size
                 emb = emb + 0 * self.encode_images(emb.new_zeros(1, 3, size, size)).sum().to(emb.dtype)
             return emb

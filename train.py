@@ -28,7 +28,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoTokenizer
@@ -219,7 +219,7 @@ if lora_enable and not has_lora(model):
 elif has_lora(model) and not lora_enable:
     raise ValueError(f"{ckpt} has LoRA adapters: train them on with lora_enable=True, or merge them into the "
                      "weights first (python export.py --ckpt=... --merged_dir=...)")
-if pretrain_mm_mlp_adapter:
+if pretrain_mm_mlp_adapter and init_from != "resume":  # a resumed run has its own, trained since
     load_projector(model, pretrain_mm_mlp_adapter)
     log(f"projector from {pretrain_mm_mlp_adapter}")
 
@@ -240,19 +240,20 @@ for module, lr in parts:
     if module is model.vision_tower:
         model.vision_tower.freeze_unused()  # e.g. layers after mm_vision_select_layer: DDP and FSDP want
         # every trainable parameter to get a gradient
-for frozen in (model.vision_tower, model.llm):  # a frozen part never updates: fp32 would only take memory
-    if ptdtype != torch.float32 and not any(p.requires_grad for p in frozen.parameters()):
-        frozen.to(ptdtype)
 trained_names = {n for n, p in model.named_parameters() if p.requires_grad}
 if has_lora(model):  # what tells, when the adapters are loaded, that their base is still the same
     model.lora_checksum = base_checksum(model, trained_names)
+if not model.vision_tower.trainable and ptdtype != torch.float32:
+    model.vision_tower.to(ptdtype)  # a frozen tower never updates: an fp32 copy would only take memory
 n_params, n_train = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)
 log(f"parameters: {n_params / 1e6:.2f}M, trainable {n_train / 1e6:.2f}M; {model.num_image_tokens} tokens per image")
 
 
 step_flops = train_flops(model)  # the training FLOPs of a micro-batch, for the MFU in the log
-PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
-             "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}  # dense, tensor cores
+# dense bf16 tensor-core peaks, by a part of the device's name (the first that matches: the more specific first);
+# another device: set peak_flops
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12,
+             "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12}
 if not peak_flops and device_type == "cuda" and ptdtype != torch.float32:
     peak_flops = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name()), 0.0)
 
@@ -261,16 +262,19 @@ if activation_checkpointing:  # a frozen tower runs without autograd: nothing to
     recomputed = blocks(model.llm) + (blocks(model.vision_tower.encoder) if model.vision_tower.trainable else [])
     checkpoint_blocks(recomputed)
     log(f"activation checkpointing: {len(recomputed)} blocks")
-raw_model = model
+raw_model = model  # the VLM itself, for its parts and for saving (under FSDP it is the sharded module)
 if fsdp:
     # each block is an FSDP unit: its weights are all-gathered just before it runs and freed after, its
     # gradients reduce-scattered as soon as backward leaves it; the root holds the rest (embeddings,
     # projector, head). Frozen weights are sharded too and get no gradient memory.
     mesh = dist.device_mesh.init_device_mesh(device_type, (world,))
     mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32) if ptdtype != torch.float32 else MixedPrecisionPolicy()
-    for block in blocks(model.vision_tower.encoder) + blocks(model.llm):
+    units = blocks(model.vision_tower.encoder) + blocks(model.llm)
+    for block in units:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=fsdp_reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=fsdp_reshard_after_forward)
+    log(f"FSDP: {len(units)} blocks and the root, over {world} processes" +
+        ("" if blocks(model.llm) else "; the LLM names no blocks (_no_split_modules): it is sharded as one unit"))
 model.to(device)  # after LoRA: a base kept in bf16 never sits on the device in fp32
 if compile:
     model = torch.compile(model)
@@ -289,9 +293,12 @@ for module, lr in parts:
 optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=(beta1, beta2),
                               fused=device_type == "cuda")
 if init_from == "resume":  # the optimizer state, resharded to this run's processes; data position and RNG
+    settings = [{k: g[k] for k in ("base_lr", "weight_decay", "betas")} for g in optimizer.param_groups]
     optim_state = get_optimizer_state_dict(model, optimizer)  # the layout to fill (it makes AdamW's state exist)
     dcp.load({"optimizer": optim_state}, checkpoint_id=os.path.join(ckpt, "optimizer"), no_dist=not ddp)
     set_optimizer_state_dict(model, optimizer, optim_state)
+    for g, mine in zip(optimizer.param_groups, settings):  # the moments come back; the settings are this run's
+        g.update(mine)
     with open(os.path.join(ckpt, "state.json")) as f:
         state = json.load(f)
     rng = state.pop("rng")  # each process's, of the run that saved: exact on as many processes, else rank % saved
@@ -388,6 +395,10 @@ def estimate_val_loss():
         sums[2] += n
     if ddp:
         dist.all_reduce(sums)
+    if fsdp:  # without a backward, ZeRO-2 units would stay gathered, out of step with the optimizer's shards
+        for m in raw_model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
     model.train()
     raw_model.vision_tower.train(raw_model.vision_tower.trainable)  # a frozen tower stays in eval mode
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
@@ -442,71 +453,74 @@ model.train()
 raw_model.vision_tower.train(raw_model.vision_tower.trainable)  # a frozen tower runs without dropout
 batches = train_batches()
 t_start = time.time()
-t_log, counts, ckpt_path = t_start, torch.zeros(3, dtype=torch.float64), None  # tokens, trained tokens, FLOPs
+t_log, counts, ckpt_path = t_start, np.zeros(3), None  # since the last log line: tokens, trained tokens, FLOPs
 start_iter = state["iter"]
 while state["iter"] < max_iters:
     it = state["iter"]
     for g in optimizer.param_groups:
         g["lr"] = g["base_lr"] * get_lr(it)
-    loss_sum = 0.0
-    micro_batches = [to_device(next(batches)) for _ in range(accum)]
+    # counted on the CPU, before the batches go to the device: no waiting for the device in the loop
+    micro_batches = [next(batches) for _ in range(accum)]
+    n_tokens = [int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches]
+    for b, n in zip(micro_batches, n_tokens):
+        if n:  # not a stand-in for an empty micro-batch
+            counts += (int(b["attention_mask"].sum()), int((b["labels"] != -100).sum()), step_flops(b))
     # the step's loss is the mean over all trained tokens of the global batch, however the batch is
     # split over processes and micro-steps: weigh each micro-batch's mean by its share of the tokens
     # (DDP and FSDP then average the processes' gradients, hence the factor world)
-    n_tokens = [(b["labels"][:, 1:] != -100).sum() for b in micro_batches]
-    n_global = torch.stack(n_tokens).sum().float()
+    n_global = torch.tensor(float(sum(n_tokens)), device=device)
     if ddp:
         dist.all_reduce(n_global)
+    loss_sum = torch.zeros((), device=device)
     for micro, batch in enumerate(micro_batches):
         if ddp and not fsdp:
             model.require_backward_grad_sync = micro == accum - 1  # all-reduce once per step (FSDP: every micro-step)
         with autocast:
-            loss = model(batch) * (n_tokens[micro] * world / n_global)
+            loss = model(to_device(batch)) * (n_tokens[micro] * world / n_global)
         loss.backward()
-        loss_sum += loss.item()
-        if n_tokens[micro]:  # not a stand-in for an empty micro-batch
-            counts += torch.tensor([batch["attention_mask"].sum().item(), (batch["labels"] != -100).sum().item(), step_flops(batch)],
-                                   dtype=torch.float64)
-    if not math.isfinite(loss_sum):
-        raise FloatingPointError(f"step {it}: loss is {loss_sum}; stopping before the weights are damaged")
+        loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip or float("inf"))
     grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # FSDP: over all shards
+    if not torch.isfinite(loss_sum + grad_norm):  # the one wait for the device in a step
+        raise FloatingPointError(f"step {it}: loss {loss_sum.item()}, gradient norm {grad_norm.item()}; stopping "
+                                 "before the weights are damaged")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     state["iter"] += 1
     state["epoch_step"] += 1
     if state["iter"] % log_interval == 0 or state["iter"] == max_iters:
-        # the loss of the global batch, all processes' tokens and FLOPs, the largest peak memory
+        # over all processes: the global batch's loss (the mean of theirs), the sums of their counts, the
+        # largest peak memory (CUDA: allocated since the last line; CPU: the process's resident peak)
         memory = torch.cuda.max_memory_allocated() if device_type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        totals, memory = torch.tensor([loss_sum, *counts.tolist()], device=device), torch.tensor(float(memory), device=device)
+        sums, memory = torch.tensor([loss_sum.item(), *counts], device=device), torch.tensor(float(memory), device=device)
         if ddp:
-            dist.all_reduce(totals)
+            dist.all_reduce(sums)
             dist.all_reduce(memory, op=dist.ReduceOp.MAX)
-        loss_sum, tokens, supervised, flops = totals[0].item() / world, *totals[1:].tolist()
-        memory = memory.item()
-        now = time.time()
-        elapsed, rate, dt = now - t_start, (state["iter"] - start_iter) / (now - t_start), now - t_log
-        mfu = f", MFU {100 * flops / dt / (peak_flops * world):.1f}%" if peak_flops else ""
-        log(f"step {state['iter']}/{max_iters} | loss {loss_sum:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
-            f"grad {grad_norm:.2f} | {tokens / dt:.0f} tok/s ({supervised / dt:.0f} trained) | "
-            f"{flops / dt / 1e12 / world:.3g} TFLOP/s per process{mfu} | peak mem {memory / 2**30:.2f} GiB | "
-            f"{elapsed / 60:.1f} min, ETA {(max_iters - state['iter']) / rate / 60:.1f} min")
+        dt = time.time() - t_log
+        loss_value, tokens_per_s, trained_per_s, flops_per_s = sums[0].item() / world, *(sums[1:] / dt).tolist()
+        stats = {"train/loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.item(),
+                 "tokens_per_s": tokens_per_s, "trained_tokens_per_s": trained_per_s, "tflops_per_process": flops_per_s / world / 1e12,
+                 "peak_memory_gib": memory.item() / 2**30, **({"mfu": flops_per_s / (world * peak_flops)} if peak_flops else {})}
+        elapsed = time.time() - t_start
+        eta = (max_iters - state["iter"]) * elapsed / (state["iter"] - start_iter)
+        log(f"step {state['iter']}/{max_iters} | loss {loss_value:.4f} | lr {stats['lr']:.2e} | grad {stats['grad_norm']:.2f} | "
+            f"{tokens_per_s:.0f} tok/s ({trained_per_s:.0f} trained) | {stats['tflops_per_process']:.3g} TFLOP/s per process"
+            + (f", MFU {100 * stats['mfu']:.1f}%" if peak_flops else "") + f" | peak mem {stats['peak_memory_gib']:.2f} GiB | "
+            f"{elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
         if wandb_log and master:
-            wandb.log({"train/loss": loss_sum, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                       "tokens_per_s": tokens / dt, "trained_tokens_per_s": supervised / dt, "tflops_per_process": flops / dt / 1e12 / world,
-                       "peak_memory_gib": memory / 2**30, **({"mfu": flops / dt / (peak_flops * world)} if peak_flops else {})},
-                      step=state["iter"])
+            wandb.log(stats, step=state["iter"])
         if device_type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        t_log, counts = now, torch.zeros(3, dtype=torch.float64)
+        t_log, counts = time.time(), np.zeros(3)
     if state["iter"] % eval_interval == 0 or state["iter"] == max_iters:
+        t_eval = time.time()
         if val_data is not None:
             val, shuffled = estimate_val_loss()
             log(f"step {state['iter']}: val loss {val:.4f}, with shuffled images {shuffled:.4f} (gap {shuffled - val:+.4f})")
             if wandb_log and master:
                 wandb.log({"val/loss": val, "val/loss_shuffled_images": shuffled}, step=state["iter"])
         ckpt_path = save_checkpoint()
-        t_log = time.time()  # evaluation is not training time
+        t_log += time.time() - t_eval  # evaluation and saving are not training time
 
 log(f"trained {max_iters - start_iter} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint: {ckpt_path}")
 if master and eval_data_path and ckpt_path:
@@ -525,5 +539,6 @@ if ddp:
     dist.destroy_process_group()
     # gloo's threads can still hold the last collectives' tensors, and letting go of them while Python shuts
     # down aborts a process now and then (pytorch issue 190489); everything is written: leave without that
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)

@@ -18,7 +18,7 @@ import pytest
 from safetensors.torch import load_file
 
 STEPS = 6
-COMMON = dict(max_iters=STEPS, batch_size=4, val_data_path="", eval_data_path="", eval_interval=3, keep_last=2)
+COMMON = dict(max_iters=STEPS, batch_size=4, eval_data_path="", eval_interval=3, keep_last=2)  # val loss at 3 and 6
 
 
 def compare(one, two):
@@ -61,9 +61,10 @@ def test_two_processes_train_like_one(one, two):
     assert two.stdout.count(f"step {STEPS}/{STEPS}") == 1  # rank 0 logs alone
     compare(one, two)
     close(weights(one), weights(two))  # FSDP's checkpoint is gathered from the shards: the same names and shapes
-    # the optimizer state as each process held it: one shard file each, plus the metadata
-    files = sorted(p.name for p in (two.out_dir / f"ckpt-{STEPS:07d}" / "optimizer").iterdir())
-    assert files == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert sorted(two.val) == [3, 6] and two.val[6][0] == pytest.approx(one.val[6][0], rel=1e-4)
+    # the optimizer state as the processes held it: their shard files, and the metadata that maps them
+    files = [p.name for p in (two.out_dir / f"ckpt-{STEPS:07d}" / "optimizer").iterdir()]
+    assert ".metadata" in files and len([f for f in files if f.endswith(".distcp")]) == 2
     rngs = json.loads((two.out_dir / f"ckpt-{STEPS:07d}" / "state.json").read_text())["rng"]
     assert len(rngs) == 2 and all(r["cpu"] for r in rngs)
 
@@ -101,23 +102,37 @@ def test_accumulation_and_activation_checkpointing_like_one_process(train, tmp_p
     two = train(tmp_path / "two", nproc=2, parallel=parallel, activation_checkpointing=True, **common)
     assert "24 steps of 8 per epoch" in ref.stdout and "24 steps of 8 per epoch" in two.stdout
     assert "activation checkpointing: 3 blocks" in two.stdout  # the LLM's 2 and the (training) tower's 1
+    if parallel == "fsdp":
+        assert "FSDP: 3 blocks and the root, over 2 processes" in two.stdout
     compare(ref, two)
     close(weights(ref), weights(two))
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_text_only_batches_and_a_short_last_batch_like_one(train, shapes, tmp_path, parallel):
+def test_activation_checkpointing_changes_nothing_under_fsdp(train, tmp_path):
+    """The same 2-process FSDP run with and without recomputation, with dropout in the LLM: the recomputed
+    blocks draw the same masks, so every logged number is the same, to the digit."""
+    from conftest import TINY_LLM
+    common = dict(COMMON, eval_interval=1000, val_data_path="", parallel="fsdp", model_name_or_path={**TINY_LLM, "attention_dropout": 0.2})
+    plain = train(tmp_path / "plain", nproc=2, **common)
+    recomputed = train(tmp_path / "recomputed", nproc=2, activation_checkpointing=True, **common)
+    assert recomputed.steps == plain.steps and len(plain.steps) == STEPS
+
+
+@pytest.mark.parametrize("parallel, reshard", [("ddp", True), ("fsdp", True), ("fsdp", False)])
+def test_text_only_batches_and_a_short_last_batch_like_one(train, shapes, tmp_path, parallel, reshard):
     # LLaVA-style modality grouping makes whole batches without images, where the projector and tower would
-    # get no gradient (DDP's unused-parameter error; FSDP's collectives out of step); 9 records in global
-    # batches of 4 leave a last batch of one record, so one rank runs a stand-in with nothing trained. Both
-    # must match one process.
+    # get no gradient (DDP's unused-parameter error; FSDP's collectives out of step, in training and in the
+    # val loss); 9 records in global batches of 4 leave a last batch of one record, so one rank runs a
+    # stand-in with nothing trained. Both must match one process; so must ZeRO-2 (reshard=False), whose
+    # units a val loss (no backward) must leave sharded again for the checkpoint.
     records = json.loads((shapes / "train.json").read_text())[:9]
     for r in records[5:]:
         r.pop("image")
         r["conversations"][0]["value"] = r["conversations"][0]["value"].replace("<image>", "").strip()
     (tmp_path / "mix.json").write_text(json.dumps(records))
-    common = dict(COMMON, eval_interval=1000, data_path=tmp_path / "mix.json", group_by_modality_length=True)
+    common = dict(COMMON, data_path=tmp_path / "mix.json", val_data_path=tmp_path / "mix.json", group_by_modality_length=True)
     ref = train(tmp_path / "one", **common)
-    two = train(tmp_path / "two", nproc=2, parallel=parallel, **common)
+    two = train(tmp_path / "two", nproc=2, parallel=parallel, fsdp_reshard_after_forward=reshard, **common)
     assert "train: 9 records, 3 steps of 4 per epoch" in ref.stdout and "3 steps of 4 per epoch" in two.stdout
     compare(ref, two)
+    assert sorted(two.val) == [3, 6]

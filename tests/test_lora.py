@@ -2,6 +2,7 @@
 exact, targets, scaling, bf16 bases; checkpoints hold the adapters and the other trained weights only,
 load onto their base, resume exactly, train the same on 2 gloo processes, and export merged."""
 import json
+import math
 import shutil
 import sys
 
@@ -278,3 +279,19 @@ def test_lora_with_a_frozen_llm_is_refused(shapes, tmp_path):
     proc = run_script([sys.executable, "train.py"] + train_args(shapes, tmp_path / "x", lora_enable=True, freeze_backbone=True),
                       check=False)
     assert proc.returncode != 0 and "cannot also be frozen" in proc.stderr
+
+
+def test_bf16_run_under_fsdp_saves_a_checkpoint_that_loads_and_resumes(train, tmp_path):
+    """The GPU recipe's dtype on the CPU (slow there, so 2 steps): bf16 compute through FSDP's mixed-precision
+    policy, LoRA, the frozen tower kept in bf16. Its checkpoint loads onto its base (the base's checksum is
+    taken before the tower is cast) and the run resumes from it."""
+    common = dict(max_iters=2, batch_size=4, val_data_path="", eval_data_path="", lora_enable=True, lora_r=4,
+                  lora_dropout=0.0, unfreeze_mm_vision_tower=False, dtype="bfloat16", parallel="fsdp", eval_interval=1,
+                  keep_last=2)
+    run = train(tmp_path, nproc=2, **common)
+    assert all(math.isfinite(s["loss"]) for s in run.steps.values()) and sorted(run.steps) == [1, 2]
+    model, _ = load(tmp_path / "ckpt-0000002")  # in fp32, from the fp32 base and the adapters
+    assert wrappers(model) and next(model.vision_tower.parameters()).dtype == torch.float32
+    shutil.rmtree(tmp_path / "ckpt-0000002")
+    resumed = train(tmp_path, nproc=2, init_from="resume", **common)
+    assert sorted(resumed.steps) == [2] and resumed.steps[2] == run.steps[2]

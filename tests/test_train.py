@@ -113,6 +113,19 @@ def test_exact_resume(run_a, train, tmp_path):
     assert json.loads((out / "ckpt-0000006" / "state.json").read_text())["epoch_step"] == 6
 
 
+def test_resume_takes_this_runs_learning_rate_and_keeps_its_trained_projector(run_a, train, tmp_path):
+    """A resumed run's settings are its own (here twice the learning rate and floor: twice the lr at every
+    step), while its weights and AdamW moments are the checkpoint's; pretrain_mm_mlp_adapter, which starts a
+    run's projector, does not replace the projector that the run has trained since."""
+    shutil.copytree(run_a.out_dir / "ckpt-0000003", tmp_path / "ckpt-0000003")
+    resumed = train(tmp_path, max_iters=6, eval_interval=3, keep_last=2, eval_data_path="", init_from="resume",
+                    learning_rate=4e-3, min_lr=2e-4, pretrain_mm_mlp_adapter=run_a.out_dir / "ckpt-0000006")
+    assert "projector from" not in resumed.stdout
+    assert resumed.steps[4]["loss"] == run_a.steps[4]["loss"]  # the step-3 weights, projector included
+    for step in (4, 5, 6):
+        assert resumed.steps[step]["lr"] == pytest.approx(2 * run_a.steps[step]["lr"], rel=1e-2), step
+
+
 def test_resume_without_checkpoint_fails(shapes, tmp_path):
     from conftest import train_args
     proc = run_script([sys.executable, "train.py"] + train_args(shapes, tmp_path / "empty", init_from="resume"),
