@@ -325,7 +325,7 @@ def bench_lora_memory(r=32, T=256):
               f"{mib(state)} | {mib(peak)} | {seconds:.1f} s ({device}) |")
 
 
-def bench_parallel(steps=4, width=512, layers=8, batch_size=16, nproc=2):
+def bench_parallel(steps=3, width=512, layers=8, batch_size=48, nproc=2):
     """train.py itself under torchrun on `nproc` processes (gloo on a CPU, nccl on GPUs), for an LLM of
     `layers` x `width` (about 12 width^2 layers parameters) on the shapes data, the tower training too:
     DDP and FSDP (ZeRO-3 and ZeRO-2), each without and with activation checkpointing. Its own log line
