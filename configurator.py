@@ -19,13 +19,16 @@ def check_key(key, config, where):
 
 def cast(key, value, default, where):
     """Check a value against the type of its default; int -> float is fine, a None default takes anything,
-    and a path (str) and a config (dict) stand in for each other (model_name_or_path, vision_tower)."""
+    a path (str) and a config (dict) stand in for each other (model_name_or_path, vision_tower), and a
+    number or a list stands in for a comma-separated string (data_multiple=0.5, data_path=[a, b])."""
     if default is None or value is None or type(value) is type(default):
         return value
     if isinstance(default, float) and type(value) is int:
         return float(value)
     if {type(value), type(default)} == {str, dict} or {type(value), type(default)} == {list, tuple}:
         return value
+    if isinstance(default, str) and isinstance(value, (int, float, list, tuple)) and not isinstance(value, bool):
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)  # 'a,b': one per data file
     raise TypeError(f"{where}: {key}={value!r} is a {type(value).__name__}, "
                     f"but the default {default!r} is a {type(default).__name__}")
 

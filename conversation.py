@@ -14,6 +14,7 @@ This file knows nothing about tensors: it returns lists of ints.
 """
 
 IMAGE_TOKEN = "<image>"
+REGION_TOKEN = "<region_fea>"  # Ferret: one token per region of the image, its embedding the region's features
 IGNORE_INDEX = -100
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "

@@ -25,17 +25,18 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from conversation import IGNORE_INDEX, IMAGE_TOKEN, bos_ids, get_template, tokenize
+from conversation import IGNORE_INDEX, IMAGE_TOKEN, REGION_TOKEN, bos_ids, get_template, tokenize
 
-FORMAT = 1  # bump when the shard layout changes: older shards are then rebuilt or refused
+FORMAT = 2  # bump when the shard layout changes: older shards are then rebuilt or refused
 ROLES = {"human": "human", "gpt": "gpt", "system": "system", "user": "human", "assistant": "gpt"}
 
 
@@ -114,36 +115,220 @@ def normalize(record):
 
 def check_image(path):
     """Open and decode the image (at a reduced scale where the format allows): a missing, empty, unreadable
-    or truncated file is found here, not in the middle of training."""
+    or truncated file is found here, not in the middle of training. Returns its size."""
     if not os.path.isfile(path):
         raise Skip(f"missing image: {path}")
     if os.path.getsize(path) == 0:
         raise Skip(f"empty image file: {path}")
     try:
         with Image.open(path) as img:
+            size = img.size
             img.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale; truncation still shows
             img.load()
     except Exception as e:
         raise Skip(f"unreadable image: {path}: {e}") from e
-    if min(img.size) == 0:
-        raise Skip(f"zero-size image: {path} is {img.size[0]}x{img.size[1]}")
+    if min(size) == 0:
+        raise Skip(f"zero-size image: {path} is {size[0]}x{size[1]}")
+    return size
 
 
-def check_boxes(record):
-    """Ferret's GRIT records carry pixel boxes per turn: each must lie inside image_w x image_h."""
-    boxes = record.get("box_x1y1x2y2")
-    if boxes is None:
-        return
-    w, h = record.get("image_w"), record.get("image_h")
+# regions (Ferret's GRIT records) ----------------------------------------------------------------------------
+# A GRIT record is a LLaVA record with image_w, image_h (the pixel frame of its boxes), box_x1y1x2y2 (per
+# message, the pixel boxes that its <bbox_location{i}> placeholders name) and optionally masks (per message
+# and box, the object's segmentation: COCO RLE or polygons). In a human message a placeholder becomes the
+# region as text and a <region_fea> token, "[x1, y1, x2, y2] <region_fea>" or "[x, y] <region_fea>" (box or
+# point, drawn per message), whose embedding the model's region sampler fills from the image inside the
+# region; in a reply it becomes the box as text, which the model learns to write (grounding). Text
+# coordinates are integers on Ferret's 0-999 grid, x to the right, y down.
+
+PLACEHOLDER = re.compile(r"<bbox_location(\d+)>")
+BOX = re.compile(r"\[\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\s*\]")  # a box as text, as a reply writes it
+REGIONS = dict(add_region_feature=False, no_coor=False, point_input_sample="segment_mask|center")  # place_regions' settings
+POINT_RADIUS = 5  # a point region is the (2r+1)-pixel square around it (within the object), as in Ferret
+
+
+def grid(v, size):
+    """A pixel coordinate -> Ferret's 0-999 grid (clamped to the image, then truncated, as Ferret does)."""
+    return int(min(max(v, 0), size - 1) * 1000 / size)
+
+
+def region_text(region, w, h):
+    """'[x1, y1, x2, y2]' for a box, '[x, y]' for a point, on the grid of a w x h image."""
+    if region["kind"] == "point":
+        x, y = region["point"]
+        return f"[{grid(x, w)}, {grid(y, h)}]"
+    x1, y1, x2, y2 = region["box"]
+    return f"[{grid(x1, w)}, {grid(y1, h)}, {grid(x2, w)}, {grid(y2, h)}]"
+
+
+def rle_counts(counts):
+    """COCO's compressed RLE string -> run lengths (6 bits a character, 5 of them data, the sixth 'more';
+    from the third run on, each is coded as its difference to the run two before)."""
+    runs, p = [], 0
+    while p < len(counts):
+        x, k, more = 0, 0, True
+        while more:
+            c = ord(counts[p]) - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)  # negative
+        runs.append(x + (runs[-2] if len(runs) > 2 else 0))
+    return runs
+
+
+def decode_segment(seg, w, h):
+    """A segmentation -> bool [h, w]: COCO RLE ({"size": [h, w], "counts": str or list}, runs of 0s and 1s
+    down the columns) or polygons ([[x0, y0, x1, y1, ...], ...], in pixels)."""
+    if isinstance(seg, dict):
+        if list(seg.get("size", [])) != [h, w]:
+            raise Skip(f"bad segmentation: its size {seg.get('size')} is not the image's [{h}, {w}]")
+        counts = seg["counts"]
+        runs = rle_counts(counts) if isinstance(counts, str) else list(counts)
+        if sum(runs) != h * w or min(runs, default=0) < 0:
+            raise Skip(f"bad segmentation: its runs cover {sum(runs)} pixels, not {h} x {w}")
+        return np.repeat(np.arange(len(runs)) % 2 == 1, runs).reshape(w, h).T
+    if isinstance(seg, list) and seg and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in seg):
+        img = Image.new("L", (w, h))
+        for poly in seg:
+            ImageDraw.Draw(img).polygon([float(v) for v in poly], fill=1)
+        return np.asarray(img, bool)
+    raise Skip(f"bad segmentation: neither COCO RLE nor polygons: {str(seg)[:80]}")
+
+
+def sample_point(box, segment, mode, rng):
+    """A point inside an object, in pixels, as Ferret's point_input_sample draws it: 'center' (of the
+    box), 'gaussian' (around the center, std 0.15 of the box, redrawn until inside it), and with a
+    segmentation 'segment_mask|uniform' (any pixel of the object) or 'segment_mask|center' (the object's
+    pixel nearest the box center; without a segmentation these two fall back to 'gaussian')."""
+    x1, y1, x2, y2 = box
+    center = np.array([(x1 + x2) / 2, (y1 + y2) / 2])
+    if mode.startswith("segment_mask|") and segment is not None and segment.any():
+        ys, xs = np.nonzero(segment)
+        if mode == "segment_mask|uniform":
+            k = rng.integers(len(xs))
+        elif mode == "segment_mask|center":
+            k = np.argmin((xs - center[0]) ** 2 + (ys - center[1]) ** 2)
+        else:
+            raise ValueError(f"point_input_sample={mode!r}")
+        return [int(xs[k]), int(ys[k])]
+    if mode == "center":
+        return [int(center[0]), int(center[1])]
+    if mode not in ("gaussian", "segment_mask|uniform", "segment_mask|center"):
+        raise ValueError(f"point_input_sample={mode!r}: use 'center', 'gaussian', 'segment_mask|uniform' or 'segment_mask|center'")
+    std = 0.15 * np.array([x2 - x1, y2 - y1])
+    for _ in range(100):
+        p = rng.normal(center, std)
+        if x1 <= p[0] <= x2 and y1 <= p[1] <= y2:
+            return [int(p[0]), int(p[1])]
+    return [int(center[0]), int(center[1])]
+
+
+def place_regions(record, messages, rng, add_region_feature=True, no_coor=False, point_input_sample="segment_mask|center",
+                  form=None):
+    """A GRIT record's placeholders -> text: (messages, regions), the regions in the order of their
+    <region_fea> tokens, each {"kind": "box" | "point", "box", "point", "segment"} in pixels of image_w x
+    image_h. A human message's regions are all boxes or all points (form, or drawn 50/50 per message, as
+    Ferret does); without add_region_feature they are their coordinates only, and with no_coor their token
+    alone. A box partly outside the image is clamped to it (as Ferret does); one wholly outside is a skip."""
+    w, h, boxes = record.get("image_w"), record.get("image_h"), record["box_x1y1x2y2"]
     if not (isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 0 and h > 0):
         raise Skip("bad box: boxes given without a positive image_w and image_h")
-    for turn in boxes:
-        for box in turn or []:
-            if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-                raise Skip(f"bad box: {box!r} is not [x1, y1, x2, y2]")
-            x1, y1, x2, y2 = box
-            if not (0 <= x1 <= x2 <= w and 0 <= y1 <= y2 <= h):
+    masks = record.get("masks") or [None] * len(boxes)
+    if not (isinstance(boxes, list) and len(boxes) == len(messages) and isinstance(masks, list) and len(masks) == len(boxes)):
+        raise Skip(f"bad box: box_x1y1x2y2 (and masks) must hold a list per message, {len(messages)} of them")
+    regions, out = [], []
+    for j, (m, turn, turn_masks) in enumerate(zip(messages, boxes, masks)):
+        turn, turn_masks = list(turn or []), turn_masks or [None] * len(turn or [])
+        for b, box in enumerate(turn):
+            if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+                    and box[0] <= box[2] and box[1] <= box[3]):
+                raise Skip(f"bad box: {box!r} is not [x1, y1, x2, y2] with x1 <= x2, y1 <= y2")
+            if box[2] < 0 or box[3] < 0 or box[0] > w or box[1] > h:
                 raise Skip(f"box outside the image: {box} in {w}x{h}")
+            turn[b] = [min(max(v, 0), size) for v, size in zip(box, (w, h, w, h))]
+        decoded = [decode_segment(seg, int(w), int(h)) if seg is not None else None for seg in turn_masks]  # checks them
+        human = m["from"] == "human"
+        kind = (form or ("point" if rng.random() < 0.5 else "box")) if human else "box"
+
+        def replace(match):
+            i = int(match[1])
+            if i >= len(turn):
+                raise Skip(f"bad placeholder: {match[0]} in message {j}, which has {len(turn)} boxes")
+            if not human:  # a reply writes the box
+                return "" if no_coor else region_text({"kind": "box", "box": turn[i]}, w, h)
+            segment, mask = (turn_masks[i], decoded[i]) if i < len(turn_masks) else (None, None)
+            region = {"kind": kind, "box": turn[i], "segment": segment,
+                      "point": sample_point(turn[i], mask, point_input_sample, rng) if kind == "point" else None}
+            if not add_region_feature:
+                return region_text(region, w, h)
+            regions.append(region)
+            return REGION_TOKEN if no_coor else region_text(region, w, h) + " " + REGION_TOKEN
+        out.append({**m, "value": PLACEHOLDER.sub(replace, m["value"])})
+    return out, regions
+
+
+def fit(img, mode, size, fill, resample=Image.BICUBIC):
+    """The image transform, for an image and for its region masks alike: 'pad' (LLaVA: pad to a square
+    with `fill`, then resize), 'square_nocrop' (Ferret: resize, aspect not kept), 'crop' (resize the short
+    side, then center crop)."""
+    w, h = img.size
+    if mode == "pad" and w != h:
+        side = max(w, h)
+        square = Image.new(img.mode, (side, side), fill)
+        square.paste(img, ((side - w) // 2, (side - h) // 2))
+        img = square
+    elif mode == "crop":
+        s = size / min(w, h)
+        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), resample)
+        left, top = (img.width - size) // 2, (img.height - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    elif mode not in ("pad", "square_nocrop"):
+        raise ValueError(f"image_aspect_ratio={mode!r}: use 'pad', 'square_nocrop' or 'crop'")
+    return img if img.size == (size, size) else img.resize((size, size), resample)
+
+
+def fit_xy(x, y, w, h, mode, size):
+    """Where fit puts the point (x, y) of a w x h image: its coordinates in the size x size input."""
+    if mode == "pad":
+        side = max(w, h)
+        return (x + (side - w) // 2) * size / side, (y + (side - h) // 2) * size / side
+    if mode == "crop":
+        s = size / min(w, h)
+        cw, ch = max(size, round(w * s)), max(size, round(h * s))
+        return x * cw / w - (cw - size) // 2, y * ch / h - (ch - size) // 2
+    return x * size / w, y * size / h
+
+
+def region_mask(region, frame, image_size, mode, size):
+    """A region -> bool [size, size] at the model's input, where the image transform puts it: drawn over
+    the image's own pixels (its coordinates scaled from the record's frame, image_w x image_h, to the
+    file's size), then given the image's transform (an input pixel is in the region if any pixel under it
+    is). A box is the box (within the object, where a segmentation overlaps it: a free-form region); a
+    point, the square around it within the object (or its box). A region that crop cuts away keeps the
+    input pixel nearest its center."""
+    (fw, fh), (w, h) = frame, image_size
+    sx, sy = w / fw, h / fh
+
+    def area(x1, y1, x2, y2):  # the pixels [x1, x2] x [y1, y2] of the file, as 0/1
+        a = np.zeros((h, w), np.float32)
+        a[max(0, int(y1 * sy)):int(y2 * sy) + 1, max(0, int(x1 * sx)):int(x2 * sx) + 1] = 1
+        return a
+    shape = area(*region["box"])
+    if region["segment"] is not None:
+        segment = decode_segment(region["segment"], int(fw), int(fh)).astype(np.float32)
+        within = shape * np.asarray(Image.fromarray(segment).resize((w, h), Image.NEAREST))
+        shape = within if within.any() else shape
+    if region["kind"] == "point":
+        (px, py), r = region["point"], POINT_RADIUS
+        square = area(px - r, py - r, px + r, py + r)
+        shape = square * shape if (square * shape).any() else square
+    mask = np.asarray(fit(Image.fromarray(shape), mode, size, 0.0, Image.BOX)) > 0  # float: a sliver still counts
+    if not mask.any():  # cut away by crop
+        x, y = fit_xy((region["box"][0] + region["box"][2]) / 2 * sx, (region["box"][1] + region["box"][3]) / 2 * sy, w, h, mode, size)
+        mask[min(max(int(y), 0), size - 1), min(max(int(x), 0), size - 1)] = True
+    return torch.from_numpy(mask)
 
 
 def truncate(ids, trained, max_len, image_id, num_image_tokens):
@@ -161,18 +346,31 @@ def truncate(ids, trained, max_len, image_id, num_image_tokens):
     return ids, trained
 
 
-def prepare(record, folder, template, tokenizer, num_image_tokens, max_len):
-    """One record -> (compact ids int32, trained uint8, image paths), or Skip with the reason."""
+def prepare(record, folder, template, tokenizer, num_image_tokens, max_len, regions=None, rng=None):
+    """One record -> (compact ids int32, trained uint8, image paths, its regions or None), or Skip with the
+    reason. regions: place_regions' settings, for GRIT records (rng draws their box-or-point choices)."""
     messages, images = normalize(record)
     if not any(m["from"] == "gpt" for m in messages):
         raise Skip("no assistant reply")
     n_tags = sum(m["value"].count(IMAGE_TOKEN) for m in messages)
     if n_tags != len(images):
         raise Skip(f"image tags: {n_tags} <image> tags for {len(images)} images")
+    if any(REGION_TOKEN in m["value"] for m in messages):
+        raise Skip(f"region token in the text: {REGION_TOKEN} comes from a <bbox_location{{i}}> placeholder and its box")
     paths = [os.path.join(folder, i) for i in images]
-    for p in paths:
-        check_image(p)
-    check_boxes(record)
+    sizes = [check_image(p) for p in paths]
+    placed = None
+    if record.get("box_x1y1x2y2") is not None:
+        if len(images) != 1:
+            raise Skip(f"regions on {len(images)} images: GRIT's regions are on its record's one image")
+        messages, found = place_regions(record, messages, rng, **(regions or {}))
+        (w, h), frame = sizes[0], [record["image_w"], record["image_h"]]
+        # the boxes' frame is the file's size, or the file is a scaled copy (rounding moves the aspect a little)
+        if abs(w * frame[1] - h * frame[0]) > 0.02 * w * frame[1]:
+            raise Skip(f"image size: the boxes are given in {frame[0]}x{frame[1]}, the file is {w}x{h}")
+        placed = {"frame": frame, "regions": found}
+    elif any(PLACEHOLDER.search(m["value"]) for m in messages):
+        raise Skip("bad placeholder: <bbox_location{i}> in a record without box_x1y1x2y2")
     try:
         ids, labels = tokenize(template, messages, tokenizer, 1)
     except ValueError as e:  # turns out of order, an empty message, <image> in a reply, ...
@@ -180,7 +378,9 @@ def prepare(record, folder, template, tokenizer, num_image_tokens, max_len):
     ids = np.asarray(ids, np.int32)
     ids, trained = truncate(ids, np.asarray(labels) != IGNORE_INDEX, max_len,
                             tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), num_image_tokens)
-    return ids, trained.astype(np.uint8), paths
+    if placed:  # the regions whose tokens truncation kept
+        placed["regions"] = placed["regions"][:int((ids == tokenizer.convert_tokens_to_ids(REGION_TOKEN)).sum())]
+    return ids, trained.astype(np.uint8), paths, placed if placed and placed["regions"] else None
 
 
 # preprocessing: sources -> shards --------------------------------------------------------------------------
@@ -195,23 +395,29 @@ def tokenizer_hash(tokenizer):
     return h.hexdigest()[:16]
 
 
-def settings(data_path, image_folder, tokenizer, version, num_image_tokens, model_max_length):
+def settings(data_path, image_folder, tokenizer, version, num_image_tokens, model_max_length, regions=None):
     """What shards depend on: the sources (their sizes and times), the tokenizer, the templates, the image
-    token count and the length limit. Shards whose settings differ are made again (or refused by train.py)."""
+    token count, the length limit, how GRIT regions become text. Shards whose settings differ are made
+    again (or refused by train.py)."""
     paths = split_list(data_path)
     folders = per_source(image_folder, len(paths), "image folders")
     sources = [{"path": os.path.abspath(p), "image_folder": os.path.abspath(f), "bytes": os.path.getsize(p),
                 "mtime_ns": os.stat(p).st_mtime_ns} for p, f in zip(paths, folders)]
     templates = per_source(version, len(paths), "templates")
-    return {"sources": sources, **model_settings(tokenizer, templates, num_image_tokens, model_max_length)}
+    return {"sources": sources, **model_settings(tokenizer, templates, num_image_tokens, model_max_length, regions)}
 
 
-def model_settings(tokenizer, templates, num_image_tokens, model_max_length):
+def model_settings(tokenizer, templates, num_image_tokens, model_max_length, regions=None):
     """The settings that tie shards to a model: train.py checks these on shards it did not make."""
+    regions = {**REGIONS, **(regions or {})}
+    if regions["add_region_feature"] and REGION_TOKEN not in tokenizer.get_vocab():
+        raise ValueError(f"add_region_feature=True, but the tokenizer has no {REGION_TOKEN} token")
+    if regions["no_coor"] and not regions["add_region_feature"]:
+        raise ValueError("no_coor=True needs add_region_feature=True: without coordinates or features a region is nothing")
     return {"format": FORMAT, "templates": templates, "template_definitions": [get_template(t) for t in templates],
             "tokenizer": tokenizer_hash(tokenizer), "vocab_size": len(tokenizer),
             "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), "num_image_tokens": num_image_tokens,
-            "model_max_length": model_max_length}
+            "model_max_length": model_max_length, "regions": regions}
 
 
 def differences(have, want):
@@ -238,7 +444,7 @@ _worker = {}  # what preprocess gives each worker process: the tokenizer and the
 
 
 def prepare_item(item):
-    """(source, where, record) -> (source, where, id, (ids, trained, paths) or Skip, content hash)."""
+    """(source, where, record) -> (source, where, id, prepare's result or Skip, content hash)."""
     source, where, record = item
     rid = record.get("id") if isinstance(record, dict) else None
     digest = hashlib.sha1(json.dumps(record, sort_keys=True, default=str).encode()).digest()
@@ -246,19 +452,21 @@ def prepare_item(item):
         if isinstance(record, Skip):
             raise record
         w = _worker
+        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))  # a record's own draws, the same every time
         result = prepare(record, w["folders"][source], w["templates"][source], w["tokenizer"], w["num_image_tokens"],
-                         w["max_len"])
+                         w["max_len"], w["regions"], rng)
     except Skip as e:
         result = e
     return source, where, rid, result, digest
 
 
 def preprocess(data_path, image_folder, out, tokenizer, version, num_image_tokens, model_max_length=2048,
-               strict=False, num_proc=None, quiet=False):
+               strict=False, num_proc=None, quiet=False, regions=None):
     """Validate and tokenize the records of every source, on num_proc processes (all cores by default), and
     write shards to `out`; nothing to do if `out` holds shards of the same sources and settings. Returns
-    the manifest. The new shards replace old ones only once they are complete."""
-    want = settings(data_path, image_folder, tokenizer, version, num_image_tokens, model_max_length)
+    the manifest. The new shards replace old ones only once they are complete. regions: place_regions'
+    settings for GRIT records, whose box-or-point choices are drawn here, once, seeded by the record's content."""
+    want = settings(data_path, image_folder, tokenizer, version, num_image_tokens, model_max_length, regions)
     have = read_manifest(out)
     if have is not None and not differences(have, want):
         if strict and have["skipped"]:
@@ -268,7 +476,7 @@ def preprocess(data_path, image_folder, out, tokenizer, version, num_image_token
     if have is None and os.path.isdir(out) and os.listdir(out):
         raise ValueError(f"{out} is a folder that holds no shards: not replacing it; give another --out")
     _worker.update(tokenizer=tokenizer, folders=[s["image_folder"] for s in want["sources"]], templates=want["templates"],
-                   num_image_tokens=num_image_tokens, max_len=model_max_length)
+                   num_image_tokens=num_image_tokens, max_len=model_max_length, regions=want["regions"])
     items = ((i, where, record) for i, s in enumerate(want["sources"]) for where, record in read_source(s["path"]))
     num_proc = num_proc or os.cpu_count()
     pool = multiprocessing.get_context("fork").Pool(num_proc) if num_proc > 1 else None  # workers inherit _worker
@@ -276,8 +484,8 @@ def preprocess(data_path, image_folder, out, tokenizer, version, num_image_token
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # what a run that was cut short left
     os.makedirs(tmp)
-    ids_file, trained_file = open(os.path.join(tmp, "ids.bin"), "wb"), open(os.path.join(tmp, "trained.bin"), "wb")
-    offsets, lengths, sources, image_index, images, skipped, seen = [0], [], [], [0], [], [], {}
+    files = {name: open(os.path.join(tmp, name), "wb") for name in ("ids.bin", "trained.bin", "regions.bin")}
+    offsets, lengths, sources, image_index, images, region_offsets, skipped, seen = [0], [], [], [0], [], [0], [], {}
     try:
         for source, where, rid, r, digest in tqdm(results, unit="rec", desc=f"preprocessing -> {out}", file=sys.stderr,
                                                   disable=True if quiet else None):  # None: on a terminal only
@@ -290,10 +498,13 @@ def preprocess(data_path, image_folder, out, tokenizer, version, num_image_token
                 skipped.append({"where": where, "id": rid, "reason": str(r)})
                 continue
             seen[source, digest] = where
-            ids, trained, paths = r
-            ids_file.write(ids.tobytes())
-            trained_file.write(trained.tobytes())
+            ids, trained, paths, regions = r
+            placed = json.dumps(regions).encode() if regions else b""  # a record's regions, as JSON
+            files["ids.bin"].write(ids.tobytes())
+            files["trained.bin"].write(trained.tobytes())
+            files["regions.bin"].write(placed)
             offsets.append(offsets[-1] + len(ids))
+            region_offsets.append(region_offsets[-1] + len(placed))
             lengths.append(len(ids) + len(paths) * (num_image_tokens - 1))
             sources.append(source)
             images += paths
@@ -301,8 +512,8 @@ def preprocess(data_path, image_folder, out, tokenizer, version, num_image_token
     finally:
         if pool:
             pool.terminate()
-        ids_file.close()
-        trained_file.close()
+        for f in files.values():
+            f.close()
     kinds = {}
     for s in skipped:
         kind = s["reason"].split(":")[0]
@@ -319,6 +530,7 @@ def preprocess(data_path, image_folder, out, tokenizer, version, num_image_token
     np.save(os.path.join(tmp, "sources.npy"), np.asarray(sources, np.int16))
     np.save(os.path.join(tmp, "image_index.npy"), np.asarray(image_index, np.int64))
     np.save(os.path.join(tmp, "images.npy"), np.asarray([p.encode() for p in images], dtype=bytes))
+    np.save(os.path.join(tmp, "region_offsets.npy"), np.asarray(region_offsets, np.int64))
     with open(os.path.join(tmp, "skipped.jsonl"), "w") as f:
         f.writelines(json.dumps(s) + "\n" for s in skipped)
     counts = np.bincount(np.asarray(sources, np.int64), minlength=len(want["sources"])).tolist()
@@ -333,54 +545,45 @@ def preprocess(data_path, image_folder, out, tokenizer, version, num_image_token
 
 # training: shards -> samples -> batches --------------------------------------------------------------------
 
-def load_image(path, mode, size, mean, std):
-    """A file -> normalized [3, size, size] float tensor. Modes: 'pad' (LLaVA: pad to a square with
-    the mean color, then resize), 'square_nocrop' (Ferret: resize, aspect not kept), 'crop' (resize the
-    short side, then center crop)."""
+def open_image(path):
     try:
-        img = Image.open(path).convert("RGB")
+        return Image.open(path).convert("RGB")
     except Exception as e:  # deleted or damaged after preprocessing: an error naming it, never a blank image
         raise RuntimeError(f"cannot read image {path}: {e}") from e
-    w, h = img.size
-    if mode == "pad" and w != h:
-        side = max(w, h)
-        square = Image.new("RGB", (side, side), tuple(int(255 * m) for m in mean))
-        square.paste(img, ((side - w) // 2, (side - h) // 2))
-        img = square
-    elif mode == "crop":
-        s = size / min(w, h)
-        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        left, top = (img.width - size) // 2, (img.height - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    elif mode not in ("pad", "square_nocrop"):
-        raise ValueError(f"image_aspect_ratio={mode!r}: use 'pad', 'square_nocrop' or 'crop'")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)
+
+
+def image_tensor(img, mode, size, mean, std):
+    """An RGB image -> normalized [3, size, size] float tensor, through fit (pad fills with the mean color)."""
+    img = fit(img, mode, size, tuple(int(255 * m) for m in mean))
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
+def load_image(path, mode, size, mean, std):
+    """A file -> normalized [3, size, size] float tensor (image_tensor)."""
+    return image_tensor(open_image(path), mode, size, mean, std)
+
+
 class ShardDataset(torch.utils.data.Dataset):
-    """Samples {input_ids, labels, pixel_values [n_images, 3, H, W]} from the shards in `path`. Given the
-    model's settings (tokenizer, version, num_image_tokens, model_max_length), shards made with others are
-    refused, naming what differs: their ids would mean other tokens, or their lengths other limits. Index
-    ~i (negative) gives record i with nothing trained: a stand-in for an empty micro-batch."""
+    """Samples {input_ids, labels, pixel_values [n_images, 3, H, W], region_masks [n_regions, H, W] bool,
+    region_image [n_regions] (which of the sample's images)} from the shards in `path`. Given the model's
+    settings (tokenizer, version, num_image_tokens, model_max_length, regions), shards made with
+    others are refused, naming what differs: their ids would mean other tokens, or their lengths other
+    limits. Index ~i (negative) gives record i with nothing trained: a stand-in for an empty micro-batch."""
 
     def __init__(self, path, image_size, image_mean, image_std, image_aspect_ratio="pad", tokenizer=None,
-                 version=None, num_image_tokens=None, model_max_length=None):
+                 version=None, num_image_tokens=None, model_max_length=None, regions=None):
         self.manifest = read_manifest(path)
         if self.manifest is None:
             raise FileNotFoundError(f"{path}: no manifest.json (make shards with: python data.py --out={path} ...)")
         if tokenizer is not None:
             templates = per_source(version, len(self.manifest["sources"]), "templates")
-            diff = differences(self.manifest, model_settings(tokenizer, templates, num_image_tokens, model_max_length))
+            diff = differences(self.manifest, model_settings(tokenizer, templates, num_image_tokens, model_max_length, regions))
             if diff:
                 raise ValueError(f"{path}: these shards were made with other settings: " + "; ".join(diff))
         self.path, self.image_args = path, (image_aspect_ratio, image_size, image_mean, image_std)
         self.num_image_tokens, self.image_id = self.manifest["num_image_tokens"], self.manifest["image_token_id"]
-        self.lengths = np.load(os.path.join(path, "lengths.npy"), mmap_mode="r")
-        self.sources = np.load(os.path.join(path, "sources.npy"), mmap_mode="r")
-        self.image_index = np.load(os.path.join(path, "image_index.npy"), mmap_mode="r")
+        self.lengths, self.sources, self.image_index = (self.load(n) for n in ("lengths.npy", "sources.npy", "image_index.npy"))
         self.has_image = np.diff(self.image_index) > 0
         self.n_sources, self.skipped = len(self.manifest["sources"]), self.manifest["skipped"]
         self.arrays = None  # the big ones are mapped on first use, in the process that reads them
@@ -389,14 +592,20 @@ class ShardDataset(torch.utils.data.Dataset):
         return len(self.lengths)
 
     def open(self):
-        p = self.path
-        self.arrays = (np.memmap(os.path.join(p, "ids.bin"), np.int32, "r"), np.memmap(os.path.join(p, "trained.bin"), np.uint8, "r"),
-                       np.load(os.path.join(p, "offsets.npy"), mmap_mode="r"), np.load(os.path.join(p, "images.npy"), mmap_mode="r"))
+        self.arrays = (self.blob("ids.bin", np.int32), self.blob("trained.bin", np.uint8), self.load("offsets.npy"),
+                       self.load("images.npy"), self.blob("regions.bin", np.uint8), self.load("region_offsets.npy"))
+
+    def load(self, name):
+        return np.load(os.path.join(self.path, name), mmap_mode="r")
+
+    def blob(self, name, dtype):
+        path = os.path.join(self.path, name)
+        return np.memmap(path, dtype, "r") if os.path.getsize(path) else np.zeros(0, dtype)  # an empty file cannot be mapped
 
     def __getitem__(self, i):
         if self.arrays is None:
             self.open()
-        ids_all, trained_all, offsets, images = self.arrays
+        ids_all, trained_all, offsets, images, regions_all, region_offsets = self.arrays
         j = ~i if i < 0 else i
         ids, trained = ids_all[offsets[j]:offsets[j + 1]], trained_all[offsets[j]:offsets[j + 1]].astype(bool)
         if i < 0:
@@ -405,14 +614,20 @@ class ShardDataset(torch.utils.data.Dataset):
         ids, trained = np.repeat(ids, repeat), np.repeat(trained, repeat)
         input_ids = torch.from_numpy(ids.astype(np.int64))
         labels = torch.where(torch.from_numpy(trained), input_ids, IGNORE_INDEX)
-        paths = [images[k].decode() for k in range(self.image_index[j], self.image_index[j + 1])]
-        size = self.image_args[1]
-        pixels = torch.stack([load_image(p, *self.image_args) for p in paths]) if paths else torch.zeros(0, 3, size, size)
-        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels}
+        imgs = [open_image(images[k].decode()) for k in range(self.image_index[j], self.image_index[j + 1])]
+        mode, size = self.image_args[:2]
+        pixels = torch.stack([image_tensor(img, *self.image_args) for img in imgs]) if imgs else torch.zeros(0, 3, size, size)
+        placed = bytes(regions_all[region_offsets[j]:region_offsets[j + 1]])
+        placed = json.loads(placed) if placed else {"regions": []}  # GRIT regions, all on the record's first image
+        masks = [region_mask(r, placed["frame"], imgs[0].size, mode, size) for r in placed["regions"]]
+        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels,
+                "region_masks": torch.stack(masks) if masks else torch.zeros(0, size, size, dtype=torch.bool),
+                "region_image": torch.zeros(len(masks), dtype=torch.long)}
 
 
 def collate(samples, pad_token_id):
-    """Right-pad to the longest sample; images concatenated in the order their tokens appear."""
+    """Right-pad to the longest sample; images, and regions, concatenated in the order their tokens appear
+    (region_image then counts the batch's images)."""
     T = max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((len(samples), T), pad_token_id, dtype=torch.long)
     labels = torch.full((len(samples), T), IGNORE_INDEX, dtype=torch.long)
@@ -420,8 +635,11 @@ def collate(samples, pad_token_id):
     for i, s in enumerate(samples):
         n = len(s["input_ids"])
         input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = s["input_ids"], s["labels"], 1
+    first_image = np.cumsum([0] + [len(s["pixel_values"]) for s in samples])
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "pixel_values": torch.cat([s["pixel_values"] for s in samples])}
+            "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+            "region_masks": torch.cat([s["region_masks"] for s in samples]),
+            "region_image": torch.cat([s["region_image"] + int(k) for s, k in zip(samples, first_image)])}
 
 
 def epoch_order(sources, seed, epoch, multiples=None, curriculum=False):
@@ -496,12 +714,15 @@ if __name__ == "__main__":
     import configurator
     from transformers import AutoTokenizer
     args = configurator.configure(dict(data_path="", image_folder="", out="", tokenizer="", version="vicuna_v1",
-                                       num_image_tokens=576, model_max_length=2048, strict=False, num_proc=0), sys.argv[1:])
+                                       num_image_tokens=576, model_max_length=2048, strict=False, num_proc=0, **REGIONS),
+                                  sys.argv[1:])
     if not (args["data_path"] and args["out"] and args["tokenizer"]):
         sys.exit("usage: python data.py --data_path=a.json,b.jsonl --image_folder=dirA,dirB --out=DIR --tokenizer=PATH "
-                 "[--version=vicuna_v1] [--num_image_tokens=576] [--model_max_length=2048] [--strict=True]")
+                 "[--version=vicuna_v1] [--num_image_tokens=576] [--model_max_length=2048] [--strict=True] "
+                 "[--add_region_feature=True --point_input_sample=... --no_coor=False: as train.py's]")
     tok = AutoTokenizer.from_pretrained(args["tokenizer"])
-    if IMAGE_TOKEN not in tok.get_vocab():  # as train.py adds it
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    new = [t for t in [IMAGE_TOKEN] + [REGION_TOKEN] * args["add_region_feature"] if t not in tok.get_vocab()]
+    tok.add_special_tokens({"additional_special_tokens": new} if new else {})  # as train.py adds them
     preprocess(args["data_path"], args["image_folder"], args["out"], tok, args["version"], args["num_image_tokens"],
-               args["model_max_length"], args["strict"], args["num_proc"] or None)
+               args["model_max_length"], args["strict"], args["num_proc"] or None,
+               regions={k: args[k] for k in REGIONS})

@@ -4,18 +4,20 @@ Accuracy per question type on questions with known answers (run by train.py at t
     python eval.py --out_dir=out-shapes
 
 The question file is a JSON list of {"image", "type", "question", "answer"}, e.g.
-data/shapes/val_questions.json. A box answer "[x1, y1, x2, y2]" counts as right when its IoU with the
-true box is at least 0.5 (Acc@0.5); any other answer by exact match, ignoring case and a final period.
+data/shapes/val_questions.json; a question about a region (Ferret's referring) also has "boxes" (pixel
+boxes for its <bbox_location{i}>), "image_w", "image_h" (their frame) and "region" ("box" or "point"), as in
+data/shapes/ferret_val_questions.json. A box answer "[x1, y1, x2, y2]" counts as right when its IoU with
+the true box is at least 0.5 (Acc@0.5, grounding); any other answer by exact match, ignoring case and a
+final period.
 Results go to <out_dir>/eval.json: question type -> accuracy, and the number of questions of each type.
 """
 import json
 import os
-import re
 import sys
 
 import torch
 
-BOX = re.compile(r"\[\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\s*\]")
+from data import BOX
 
 
 def iou(a, b):
@@ -34,8 +36,9 @@ def is_correct(prediction, answer):
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, path, image_folder, template, image_aspect_ratio, batch_size=100, max_new_tokens=32):
-    """-> {type: accuracy, ..., "n_questions": {type: count}}."""
+def evaluate(model, tokenizer, path, image_folder, template, image_aspect_ratio, batch_size=100, max_new_tokens=32,
+             no_coor=False):
+    """-> {type: accuracy, ..., "n_questions": {type: count}}. no_coor: regions as their token alone (as trained)."""
     from sample import ask, image_args
     with open(path) as f:
         questions = json.load(f)
@@ -45,8 +48,10 @@ def evaluate(model, tokenizer, path, image_folder, template, image_aspect_ratio,
     args = image_args(model, {"image_aspect_ratio": image_aspect_ratio})
     for i in range(0, len(questions), batch_size):
         qs = questions[i:i + batch_size]
+        regions = [{"boxes": q["boxes"], "frame": [q["image_w"], q["image_h"]], "form": q.get("region", "box")}
+                   if q.get("boxes") else None for q in qs]
         answers = ask(model, tokenizer, template, args, [os.path.join(image_folder, q["image"]) if q.get("image") else None for q in qs],
-                      [q["question"] for q in qs], max_new_tokens)
+                      [q["question"] for q in qs], max_new_tokens, regions=regions, no_coor=no_coor)
         for q, a in zip(qs, answers):
             right[q["type"]] = right.get(q["type"], 0) + is_correct(a, q["answer"])
             total[q["type"]] = total.get(q["type"], 0) + 1
@@ -72,7 +77,8 @@ if __name__ == "__main__":
         sys.exit(f"no checkpoint in {args['out_dir']}")
     model, config = load(ckpt, args["device"])
     results = evaluate(model, AutoTokenizer.from_pretrained(ckpt), args["eval_data_path"], args["eval_image_folder"],
-                       chat_template(config["train"]["version"]), config["train"]["image_aspect_ratio"])
+                       chat_template(config["train"]["version"]), config["train"]["image_aspect_ratio"],
+                       no_coor=config["train"].get("no_coor", False))
     print_table(results)
     with open(os.path.join(os.path.dirname(ckpt), "eval.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -81,7 +81,8 @@ class VisionTower(nn.Module):
         with torch.no_grad():  # the token count and width, whatever the architecture
             h = self.hidden_state(torch.zeros(1, 3, self.image_size, self.image_size))
         self.conv = h.dim() == 4  # a conv net's [N, C, h, w] feature map rather than a ViT's token sequence
-        self.num_patches = h.shape[2] * h.shape[3] if self.conv else (self.image_size // c.patch_size) ** 2
+        self.grid = tuple(h.shape[2:]) if self.conv else (self.image_size // c.patch_size,) * 2  # the patches' rows, columns
+        self.num_patches = self.grid[0] * self.grid[1]
         # tokens before the patches: 0 (SigLIP, conv nets), 1 (CLS: CLIP, ViT), 1 + registers (DINOv2)
         self.num_prefix = 0 if self.conv else h.shape[1] - self.num_patches
         _, self.num_tokens, self.hidden_size = self.select(h).shape
@@ -123,6 +124,12 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values):
         return self.select(self.hidden_state(pixel_values))
+
+    def feature_map(self, features):
+        """forward's [N, tokens, C] -> [N, C, rows, columns]: the patches where they sit in the image (a
+        CLS token left out), for the region sampler."""
+        patches = features[:, -self.num_patches:]
+        return patches.transpose(1, 2).reshape(len(features), -1, *self.grid)
 
 
 def build_projector(kind, d_in, d_out):
@@ -186,7 +193,8 @@ def train_flops(model):
     other logits). The tower: its forward on one image, measured here once, per image. Each part counts
     1x its forward when it only runs forward (a frozen tower), 2x when gradients pass through it to a part
     that trains (a frozen or LoRA LLM under the projector), 3x when its own weights train (the 6N rule);
-    attention 3x whenever gradients pass. Padding is not counted: MFU credits the model's work only.
+    attention 3x whenever gradients pass. Padding is not counted: MFU credits the model's work only; nor is
+    the region sampler (a few MLPs over some hundred points a region).
     Call it while the model is whole (before FSDP) and its trainable parameters are set."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -280,9 +288,102 @@ def check_lm_head(llm):
                          f"know (max difference {(got - ref).abs().max():.3g}): add that family's scaling to lm_head")
 
 
+# regions (Ferret) ---------------------------------------------------------------------------------------
+
+def sample_points(masks, n):
+    """n points inside each mask [R, H, W] -> [R, n, 2], (x, y) in [0, 1] at pixel centers: every pixel of
+    the mask once, in random order, when it has n or more; else all of them and random repeats."""
+    out = []
+    for m in masks:
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        if len(xs) == 0:
+            raise ValueError("an empty region mask")
+        pick = torch.randperm(len(xs), device=m.device)[:n]
+        if len(xs) < n:
+            pick = torch.cat([pick, torch.randint(len(xs), (n - len(xs),), device=m.device)])
+        out.append(torch.stack([(xs[pick] + 0.5) / m.shape[1], (ys[pick] + 0.5) / m.shape[0]], -1))
+    return torch.stack(out)
+
+
+def features_at(feature_maps, xy):
+    """The features of maps [R, C, h, w] at points [R, n, 2] -> [R, n, C], bilinear between the patches'
+    centers (beyond the outer centers, the edge patch's). grid_sample takes (x, y), x along the width: the
+    order the points are in (Ferret's released code passes them as (y, x), and so reads every region
+    mirrored across the diagonal)."""
+    grid = (xy * 2 - 1).unsqueeze(2).to(torch.float32)  # [R, n, 1, 2] in [-1, 1], pixel centers: align_corners=False
+    out = F.grid_sample(feature_maps.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.squeeze(-1).transpose(1, 2).to(feature_maps.dtype)
+
+
+def farthest_points(xy, n):
+    """Farthest point sampling: n indices [R, n] of points [R, N, 2] that spread over the region, each the
+    farthest from those before it (from the first point: the points are in random order already)."""
+    R, N, _ = xy.shape
+    idx = torch.zeros(R, n, dtype=torch.long, device=xy.device)
+    nearest = torch.full((R, N), float("inf"), device=xy.device)
+    far = torch.zeros(R, dtype=torch.long, device=xy.device)
+    rows = torch.arange(R, device=xy.device)
+    for i in range(n):
+        idx[:, i] = far
+        nearest = torch.minimum(nearest, ((xy - xy[rows, far].unsqueeze(1)) ** 2).sum(-1))
+        far = nearest.argmax(-1)
+    return idx
+
+
+def take(x, idx):
+    """x [R, N, ...] at indices idx [R, ...] -> [R, ..., ...]."""
+    rows = torch.arange(len(x), device=x.device).view(-1, *[1] * (idx.dim() - 1))
+    return x[rows, idx]
+
+
+class RegionSampler(nn.Module):
+    """A region of the image -> one embedding for its <region_fea> token (Ferret's spatial-aware visual
+    sampler, GeoRegionSampler). num_init_point points are drawn inside the region's mask and read from the
+    tower's feature map; then, per stage, num_sub_point of them spread over the region (farthest point
+    sampling) each gather their num_neighbor nearest, whose features and positions relative to it are
+    fused (Linear, then with the point's own [feature, position] a Linear, ReLU and LayerNorm) and pooled
+    (mean or max) into the point's new feature; the last stage's points are flattened and projected to the
+    LLM's width. geo=False is the simple option: the mean of the features at the points, projected."""
+
+    def __init__(self, dim, out_dim, geo=True, num_init_point=512, num_sub_point=(128, 32), num_neighbor=(24, 24),
+                 pooler="mean"):
+        super().__init__()
+        if pooler not in ("mean", "max"):
+            raise ValueError(f"sampler_pooler_mode={pooler!r}: use 'mean' or 'max'")
+        if geo and not (num_init_point >= num_sub_point[0] and list(num_sub_point) == sorted(num_sub_point, reverse=True)
+                        and all(k <= m for k, m in zip(num_neighbor, [num_init_point, *num_sub_point]))):
+            raise ValueError(f"region sampler: points {num_init_point} > {num_sub_point} and neighbors {num_neighbor} "
+                             "must shrink stage by stage, each stage's neighbors no more than its points")
+        self.geo, self.pooler, self.num_init_point = geo, pooler, num_init_point
+        self.num_sub_point, self.num_neighbor = list(num_sub_point), list(num_neighbor)
+        if geo:
+            self.stages = nn.ModuleList(nn.ModuleDict(dict(relative=nn.Linear(dim + 2, dim + 2), fuse=nn.Linear(2 * (dim + 2), dim),
+                                                           norm=nn.LayerNorm(dim))) for _ in num_sub_point)
+            self.flatten = nn.Linear(num_sub_point[-1] * dim, dim)
+        self.out = nn.Linear(dim, out_dim)
+
+    def forward(self, feature_maps, masks):
+        """feature_maps [R, C, h, w] (each region's image's), masks [R, H, W] bool -> [R, out_dim]."""
+        xy = sample_points(masks, self.num_init_point)
+        feats = features_at(feature_maps, xy).to(self.out.weight.dtype)
+        if not self.geo:
+            return self.out(feats.mean(1))
+        for stage, n, k in zip(self.stages, self.num_sub_point, self.num_neighbor):
+            centers = farthest_points(xy, n)  # [R, n]
+            center_xy, center_f = take(xy, centers), take(feats, centers)
+            near = torch.cdist(center_xy, xy).topk(k, largest=False).indices  # [R, n, k], itself included
+            center = torch.cat([center_f, center_xy.to(feats.dtype)], -1).unsqueeze(2).expand(-1, -1, k, -1)
+            relative = stage["relative"](torch.cat([take(feats, near), take(xy, near).to(feats.dtype)], -1) - center)
+            x = stage["norm"](F.relu(stage["fuse"](torch.cat([relative, center], -1))))  # [R, n, k, dim]
+            xy, feats = center_xy, (x.mean(2) if self.pooler == "mean" else x.amax(2))
+        return self.out(self.flatten(feats.flatten(1)))
+
+
 class VLM(nn.Module):
     """config: vision_tower, model_name_or_path (each a path or a config dict), mm_vision_select_layer,
-    mm_vision_select_feature, mm_patch_merge, mm_projector_type, image_token_id, vocab_size (of the tokenizer)."""
+    mm_vision_select_feature, mm_patch_merge, mm_projector_type, image_token_id, vocab_size (of the tokenizer);
+    for Ferret's regions, add_region_feature, region_token_id and the region sampler's settings
+    (region_geo_sampler, sampler_pooler_mode, sampler_num_init_point, sampler_num_sub_point, sampler_num_neighbor)."""
 
     def __init__(self, config):
         super().__init__()
@@ -300,46 +401,72 @@ class VLM(nn.Module):
                                             self.llm.config.hidden_size)
         self.image_token_id = config["image_token_id"]
         self.num_image_tokens = self.vision_tower.num_tokens // self.patch_merge ** 2
+        self.region_sampler, self.region_token_id = None, config.get("region_token_id")
+        if config.get("add_region_feature"):  # it reads the tower's own features, before the projector (as Ferret)
+            self.region_sampler = RegionSampler(
+                self.vision_tower.hidden_size, self.llm.config.hidden_size, config.get("region_geo_sampler", True),
+                config.get("sampler_num_init_point", 512), config.get("sampler_num_sub_point", (128, 32)),
+                config.get("sampler_num_neighbor", (24, 24)), config.get("sampler_pooler_mode", "mean"))
         # what rebuilds this model from scratch, before its weights are loaded
         self.config = {**config, "vision_tower": self.vision_tower.spec(), "model_name_or_path": self.llm.config.to_dict(),
                        "vocab_size": self.llm.get_input_embeddings().weight.shape[0]}
 
     def encode_images(self, pixel_values):
-        """[N, 3, H, W] -> [N, num_image_tokens, llm width]. A frozen tower builds no autograd graph."""
+        """[N, 3, H, W] -> (the tower's features [N, tokens, C], projected [N, num_image_tokens, llm width]).
+        A frozen tower builds no autograd graph."""
         tower = self.vision_tower
         with torch.set_grad_enabled(tower.trainable and torch.is_grad_enabled()):
             feats = tower(pixel_values.to(next(tower.parameters()).dtype))
-        feats = merge_patches(feats, self.patch_merge)
-        return self.mm_projector(feats.to(next(self.mm_projector.parameters(), feats).dtype))  # identity: no parameters
+        merged = merge_patches(feats, self.patch_merge)
+        return feats, self.mm_projector(merged.to(next(self.mm_projector.parameters(), merged).dtype))  # identity: no parameters
 
-    def embed(self, input_ids, pixel_values=None):
-        """Token embeddings with the image features written over the image-token positions."""
+    def embed(self, input_ids, pixel_values=None, region_masks=None, region_image=None):
+        """Token embeddings with the image features written over the image tokens, and each region's
+        (the region sampler's, from its image's feature map: region_masks [R, H, W], region_image [R] the
+        index of its image in pixel_values) over its <region_fea> token, in order.
+
+        A batch without images (or regions) still runs their path, on a blank image (a whole-image region),
+        times 0: the loss gains exactly 0, but every trainable parameter is in the graph with a zero gradient,
+        as DDP and FSDP expect the same parameters to take part on every rank (and as one process must too,
+        to take the same optimizer steps: AdamW moves a parameter with a zero gradient, not one without);
+        and under FSDP every rank gathers the tower's weights, in eval too."""
         emb = self.llm.get_input_embeddings()(input_ids)
         is_image = input_ids == self.image_token_id
-        n = int(is_image.sum())
+        is_region = input_ids == self.region_token_id if self.region_sampler is not None else torch.zeros_like(is_image)
+        n_images, n_regions = int(is_image.sum()), int(is_region.sum())
+        if n_regions != (0 if region_masks is None else len(region_masks)):
+            raise ValueError(f"the batch has {n_regions} region tokens but {0 if region_masks is None else len(region_masks)} region masks")
+        stand_in = torch.distributed.is_initialized() or \
+            (torch.is_grad_enabled() and any(p.requires_grad for p in self.mm_projector.parameters()))
         if pixel_values is None or len(pixel_values) == 0:
-            if n:
-                raise ValueError(f"the batch has {n} image tokens but no pixel_values")
-            if torch.distributed.is_initialized() or \
-                    (torch.is_grad_enabled() and any(p.requires_grad for p in self.mm_projector.parameters())):
-                # a text-only batch still runs the image path, on one blank image times 0: the loss gains
-                # exactly 0, but every trainable parameter is in the graph with a zero gradient, as DDP and
-                # FSDP expect the same parameters to take part on every rank (and as one process must too,
-                # to take the same optimizer steps: AdamW moves a parameter with a zero gradient, not one
-                # without); and under FSDP every rank gathers the tower's weights, in eval too
-                size = self.vision_tower.image_size
-                emb = emb + 0 * self.encode_images(emb.new_zeros(1, 3, size, size)).sum().to(emb.dtype)
-            return emb
-        feats = self.encode_images(pixel_values)
-        if n != feats.shape[0] * feats.shape[1]:
-            raise ValueError(f"the batch has {n} image tokens, but {feats.shape[0]} images x {feats.shape[1]} "
+            if n_images or n_regions:
+                raise ValueError(f"the batch has {n_images} image tokens and {n_regions} region tokens but no pixel_values")
+            if not stand_in:
+                return emb
+            size = self.vision_tower.image_size
+            pixel_values = emb.new_zeros(1, 3, size, size)
+        tower_feats, feats = self.encode_images(pixel_values)
+        if not n_images:
+            emb = emb + 0 * feats.sum().to(emb.dtype)
+        elif n_images != feats.shape[0] * feats.shape[1]:
+            raise ValueError(f"the batch has {n_images} image tokens, but {feats.shape[0]} images x {feats.shape[1]} "
                              f"tokens each = {feats.shape[0] * feats.shape[1]}")
-        return emb.masked_scatter(is_image.unsqueeze(-1), feats.to(emb.dtype))
+        else:
+            emb = emb.masked_scatter(is_image.unsqueeze(-1), feats.to(emb.dtype))
+        if self.region_sampler is None or not (n_regions or stand_in):
+            return emb
+        if not n_regions:
+            region_masks = torch.ones(1, *pixel_values.shape[2:], dtype=torch.bool, device=emb.device)
+            region_image = torch.zeros(1, dtype=torch.long, device=emb.device)
+        regions = self.region_sampler(self.vision_tower.feature_map(tower_feats)[region_image], region_masks)
+        if not n_regions:
+            return emb + 0 * regions.sum().to(emb.dtype)
+        return emb.masked_scatter(is_region.unsqueeze(-1), regions.to(emb.dtype))
 
     def forward(self, batch):
         """Mean cross-entropy over the labelled tokens. The LM head runs on those positions only, so
         the [B, T, vocab] logits of prompts and images are never made."""
-        emb = self.embed(batch["input_ids"], batch.get("pixel_values"))
+        emb = self.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("region_masks"), batch.get("region_image"))
         out = self.llm.base_model(inputs_embeds=emb, attention_mask=batch.get("attention_mask"),
                                   position_ids=batch.get("position_ids"), use_cache=False)
         labels = batch["labels"][:, 1:]
@@ -350,12 +477,12 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens=64, temperature=0.0,
-                 top_p=1.0, stop_token_ids=(), generator=None, stop=None):
+                 top_p=1.0, stop_token_ids=(), generator=None, stop=None, region_masks=None, region_image=None):
         """Prompts left-padded in a batch -> [B, <=max_new_tokens] new tokens (with a KV cache).
         temperature 0 is greedy; otherwise sample from the top_p nucleus. A row stops at any of
         stop_token_ids (e.g. EOS) or where stop(new tokens so far [B, t]) -> bool [B] says so (sample.py
         looks for the template's stop string in their text); a finished row repeats its last token."""
-        emb = self.embed(input_ids, pixel_values)
+        emb = self.embed(input_ids, pixel_values, region_masks, region_image)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.llm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=True, logits_to_keep=1)

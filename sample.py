@@ -1,38 +1,60 @@
 """
-Ask a trained model about an image.
+Ask a trained model about an image, or about a region of it (Ferret).
 
     python sample.py --out_dir=out-shapes --image=path.png --prompt="What color is the circle?"
+    python sample.py --out_dir=out-shapes-ferret --image=path.png --prompt="What is in <bbox_location0>?" \
+        --box=10,12,30,40 --out_png=answer.png
 
 Loads the newest checkpoint in out_dir (or --ckpt=<checkpoint folder>) with its tokenizer, chat
-template and image settings. temperature=0 decodes greedily.
+template and image settings. temperature=0 decodes greedily. A region is given in pixels of the image,
+as a box (--box=x1,y1,x2,y2) or a point (--point=x,y), at the prompt's <bbox_location0> (or after it); it
+goes in as Ferret's text, "[x1, y1, x2, y2] <region_fea>" on the 0-999 grid, and, for a model with a region
+sampler, as its features. --out_png writes the image with the region (blue) and any boxes of the answer
+(red) drawn on it.
 """
 import sys
 
 import torch
+from transformers import AutoTokenizer
 
 import configurator
 from conversation import chat_template, stop_string, tokenize
-from data import load_image
+from data import BOX, image_tensor, open_image, place_regions, region_mask
 from model import checkpoints, load
-from transformers import AutoTokenizer
+
 
 
 def ask(model, tokenizer, template, image_args, images, questions, max_new_tokens=64, temperature=0.0, top_p=0.9,
-        generator=None):
-    """One answer per (image path or None, question), generated as one left-padded batch."""
+        generator=None, regions=None, no_coor=False):
+    """One answer per (image path or None, question), generated as one left-padded batch. regions: per
+    question None, or {"boxes": [[x1, y1, x2, y2] in pixels], "frame": [image_w, image_h] of the boxes,
+    "form": "box" | "point"} for its <bbox_location{i}> placeholders (a point is its box's center), written
+    as the model was trained to read them (no_coor: the region token alone)."""
     device = next(model.parameters()).device
-    prompts = [tokenize(template, [{"from": "human", "value": ("<image>\n" if img else "") + q}], tokenizer,
-                        model.num_image_tokens)[0] for img, q in zip(images, questions)]
+    mode, size = image_args[:2]
+    prompts, pixels, masks, mask_image = [], [], [], []
+    for path, question, region in zip(images, questions, regions or [None] * len(questions)):
+        messages = [{"from": "human", "value": ("<image>\n" if path else "") + question}]
+        img = open_image(path) if path else None
+        placed = []
+        if region:
+            record = {"image_w": region["frame"][0], "image_h": region["frame"][1], "box_x1y1x2y2": [region["boxes"]]}
+            messages, placed = place_regions(record, messages, None, add_region_feature=model.region_sampler is not None,
+                                             no_coor=no_coor, point_input_sample="center", form=region["form"])
+        prompts.append(tokenize(template, messages, tokenizer, model.num_image_tokens)[0])
+        masks += [region_mask(r, region["frame"], img.size, mode, size) for r in placed]
+        mask_image += [len(pixels)] * len(placed)
+        pixels += [image_tensor(img, *image_args)] if img else []
     T = max(map(len, prompts))
     input_ids = torch.full((len(prompts), T), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for i, p in enumerate(prompts):
         input_ids[i, T - len(p):], attention_mask[i, T - len(p):] = torch.tensor(p), 1
-    pixels = [load_image(img, *image_args) for img in images if img]
-    pixel_values = torch.stack(pixels).to(device) if pixels else None
     stop = stop_string(template, tokenizer)
-    new = model.generate(input_ids.to(device), attention_mask.to(device), pixel_values, max_new_tokens, temperature,
-                         top_p, {tokenizer.eos_token_id}, generator, stop=ends_with_text(tokenizer, stop))
+    new = model.generate(input_ids.to(device), attention_mask.to(device), torch.stack(pixels).to(device) if pixels else None,
+                         max_new_tokens, temperature, top_p, {tokenizer.eos_token_id}, generator, stop=ends_with_text(tokenizer, stop),
+                         region_masks=torch.stack(masks).to(device) if masks else None,
+                         region_image=torch.tensor(mask_image, device=device) if masks else None)
     texts = tokenizer.batch_decode(new.tolist(), skip_special_tokens=True)
     return [t.split(stop)[0].strip() for t in texts]
 
@@ -51,9 +73,29 @@ def image_args(model, train_config):
     return (train_config.get("image_aspect_ratio", "pad"), t.image_size, t.image_mean, t.image_std)
 
 
+def draw(path, region, answer, out):
+    """The image with the region (blue: a box, or a point's dot) and the answer's boxes (red, from the 0-999
+    grid back to pixels) drawn on it."""
+    from PIL import ImageDraw
+    img = open_image(path)
+    d = ImageDraw.Draw(img)
+    w, h = img.size
+    line = max(1, round(min(w, h) / 100))
+    if region and region["form"] == "point":
+        x, y = [(a + b) / 2 for a, b in zip(region["boxes"][0][:2], region["boxes"][0][2:])]
+        d.ellipse([x - 2 * line, y - 2 * line, x + 2 * line, y + 2 * line], fill=(40, 80, 255))
+    elif region:
+        d.rectangle(region["boxes"][0], outline=(40, 80, 255), width=line)
+    for box in BOX.findall(answer):
+        x1, y1, x2, y2 = (int(v) / 1000 * s for v, s in zip(box, (w, h, w, h)))
+        d.rectangle([x1, y1, x2, y2], outline=(255, 40, 40), width=line)
+    img.save(out)
+
+
 if __name__ == "__main__":
-    args = configurator.configure(dict(out_dir="out-shapes", ckpt="", image="", prompt="Describe the image.",
-                                       max_new_tokens=64, temperature=0.0, top_p=0.9, seed=1337, device="cpu"), sys.argv[1:])
+    args = configurator.configure(dict(out_dir="out-shapes", ckpt="", image="", prompt="Describe the image.", box="", point="",
+                                       out_png="", max_new_tokens=64, temperature=0.0, top_p=0.9, seed=1337, device="cpu"),
+                                  sys.argv[1:])
     ckpt = args["ckpt"] or (checkpoints(args["out_dir"]) or [None])[-1]
     if ckpt is None:
         sys.exit(f"no checkpoint in {args['out_dir']}: train one first (python train.py)")
@@ -62,6 +104,20 @@ if __name__ == "__main__":
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     train = config.get("train", {})  # a Hugging Face LLaVA folder has no run config: its own chat template
     template = chat_template(train["version"]) if "version" in train else "auto" if tokenizer.chat_template else "vicuna_v1"
-    answer = ask(model, tokenizer, template, image_args(model, train), [args["image"] or None], [args["prompt"]],
-                 args["max_new_tokens"], args["temperature"], args["top_p"], torch.Generator(args["device"]).manual_seed(args["seed"]))
-    print(answer[0])
+    region, prompt = None, args["prompt"]
+    if args["box"] or args["point"]:
+        if not args["image"]:
+            sys.exit("a region needs --image")
+        v = [float(x) for x in str(args["box"] or args["point"]).strip("()[] ").split(",")]
+        if len(v) != (4 if args["box"] else 2):
+            sys.exit("--box=x1,y1,x2,y2 or --point=x,y, in pixels")
+        w, h = open_image(args["image"]).size
+        region = {"boxes": [v if args["box"] else v * 2], "frame": [w, h], "form": "box" if args["box"] else "point"}
+        prompt = prompt if "<bbox_location0>" in prompt else prompt + " <bbox_location0>"
+    answer = ask(model, tokenizer, template, image_args(model, train), [args["image"] or None], [prompt], args["max_new_tokens"],
+                 args["temperature"], args["top_p"], torch.Generator(args["device"]).manual_seed(args["seed"]), [region],
+                 train.get("no_coor", False))[0]
+    print(answer)
+    if args["out_png"]:
+        draw(args["image"], region, answer, args["out_png"])
+        print(f"wrote {args['out_png']}")

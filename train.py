@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 
 import numpy as np
@@ -60,7 +61,7 @@ val_data_path = "data/shapes/val.json"
 val_image_folder = "data/shapes"
 version = "plain,vicuna_v1"  # chat template (conversation.py): one for all data files or one per file
 curriculum = True  # the data files one after another (each shuffled), instead of mixed: captions first
-data_multiple = 1  # per data file (or one for all): times each record is seen per epoch (Ferret's; 0.5 = half)
+data_multiple = "1"  # per data file, comma-separated (or one for all): times each record is seen per epoch (Ferret's; 0.5 = half)
 group_by_modality_length = False  # LLaVA's: batches of image or text-only records, each sorted by length
 strict = False  # a bad record is an error instead of a counted skip (data.py lists skips in skipped.jsonl)
 image_aspect_ratio = "pad"  # 'pad' (LLaVA), 'square_nocrop' (Ferret), 'crop'
@@ -84,6 +85,16 @@ pretrain_mm_mlp_adapter = ""  # start the projector from stage 1's: its checkpoi
 tune_mm_mlp_adapter = False  # True: the projector only (LLaVA stage 1)
 freeze_backbone = False  # True: the LLM stays frozen
 unfreeze_mm_vision_tower = True  # the vision tower trains too (a random tower must)
+# Ferret: regions of the image in (GRIT records' <bbox_location{i}> placeholders, data.py), boxes out as text
+add_region_feature = False  # a <region_fea> token after each region's coordinates, filled by the region sampler
+region_geo_sampler = True  # Ferret's spatial-aware sampler; False: the mean of the features in the region
+sampler_pooler_mode = "mean"  # 'mean' or 'max' over each point's neighbors
+sampler_num_init_point = 512  # points drawn inside a region
+sampler_num_sub_point = (128, 32)  # points each stage keeps (farthest point sampling)
+sampler_num_neighbor = (24, 24)  # neighbors each stage's points pool
+point_input_sample = "segment_mask|center"  # a point region: 'center' or 'gaussian' (in the box), 'segment_mask|uniform' or
+# 'segment_mask|center' (in the object's segmentation, where the record has one)
+no_coor = False  # a region is its token alone, no coordinates in the text: the features must carry where it is
 # LoRA (lora.py; LLaVA's names and defaults): the LLM trains through low-rank adapters on its Linears while
 # its base weights stay frozen; the projector still trains fully. A checkpoint then holds only what trains.
 lora_enable = False
@@ -125,6 +136,7 @@ config = configurator.configure({k: globals()[k] for k in config_keys}, sys.argv
 globals().update(config)
 # -----------------------------------------------------------------------------
 
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process checkpoints alone, as meant
 ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun: DDP, or FSDP with parallel='fsdp'
 if parallel not in ("ddp", "fsdp"):
     raise ValueError(f"parallel={parallel!r}: use 'ddp' or 'fsdp'")
@@ -191,11 +203,20 @@ if ckpt:
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
 else:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or model_name_or_path)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]} if "<image>" not in tokenizer.get_vocab() else {})
+    new_tokens = [t for t in ["<image>"] + ["<region_fea>"] * add_region_feature if t not in tokenizer.get_vocab()]
+    tokenizer.add_special_tokens({"additional_special_tokens": new_tokens} if new_tokens else {})
     model = VLM(dict(vision_tower=vision_tower, model_name_or_path=model_name_or_path,
                      mm_vision_select_layer=mm_vision_select_layer, mm_vision_select_feature=mm_vision_select_feature,
                      mm_patch_merge=mm_patch_merge, mm_projector_type=mm_projector_type, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                     vocab_size=len(tokenizer)))
+                     vocab_size=len(tokenizer), add_region_feature=add_region_feature,
+                     region_token_id=tokenizer.convert_tokens_to_ids("<region_fea>") if add_region_feature else None,
+                     region_geo_sampler=region_geo_sampler, sampler_pooler_mode=sampler_pooler_mode,
+                     sampler_num_init_point=sampler_num_init_point, sampler_num_sub_point=sampler_num_sub_point,
+                     sampler_num_neighbor=sampler_num_neighbor))
+if add_region_feature != (model.region_sampler is not None):
+    raise ValueError(f"add_region_feature={add_region_feature}, but the model from {ckpt} has " +
+                     ("a region sampler" if model.region_sampler is not None else "none: a Ferret model starts from "
+                      "model_name_or_path (and pretrain_mm_mlp_adapter), as Ferret's recipe does"))
 if tokenizer.pad_token_id is None:
     tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id will do
 if lora_enable and (tune_mm_mlp_adapter or freeze_backbone):
@@ -227,6 +248,8 @@ if pretrain_mm_mlp_adapter and init_from != "resume":  # a resumed run has its o
 # lora_vision_tower the tower) trains through its adapters only
 model.requires_grad_(False)
 parts = [(model.mm_projector, mm_projector_lr or learning_rate)]
+if model.region_sampler is not None:  # with the projector, at its lr: the other new part between tower and LLM
+    parts.append((model.region_sampler, mm_projector_lr or learning_rate))
 if not tune_mm_mlp_adapter:
     if not freeze_backbone:
         parts.append((model.llm, learning_rate))
@@ -311,6 +334,7 @@ if init_from == "resume":  # the optimizer state, resharded to this run's proces
 tower = raw_model.vision_tower
 image_args = dict(image_size=tower.image_size, image_mean=tower.image_mean, image_std=tower.image_std,
                   image_aspect_ratio=image_aspect_ratio)
+regions = dict(add_region_feature=add_region_feature, no_coor=no_coor, point_input_sample=point_input_sample)
 
 
 def shards(data, folders, templates, name):
@@ -319,11 +343,12 @@ def shards(data, folders, templates, name):
     path = data if os.path.isdir(data) and read_manifest(data) else os.path.join(out_dir, "data", name)
     if path != data:
         if master:
-            preprocess(data, folders, path, tokenizer, templates, raw_model.num_image_tokens, model_max_length, strict)
+            preprocess(data, folders, path, tokenizer, templates, raw_model.num_image_tokens, model_max_length, strict,
+                       regions=regions)
         if ddp:
             dist.barrier()
     return ShardDataset(path, tokenizer=tokenizer, version=templates, num_image_tokens=raw_model.num_image_tokens,
-                        model_max_length=model_max_length, **image_args)
+                        model_max_length=model_max_length, regions=regions, **image_args)
 
 
 train_data = shards(data_path, image_folder, version, "train")
@@ -527,7 +552,8 @@ if master and eval_data_path and ckpt_path:
     from eval import evaluate, print_table
     # generation on rank 0 alone: under FSDP from the checkpoint's gathered weights, not from the shards
     eval_model = load(ckpt_path, device)[0] if fsdp else raw_model
-    results = evaluate(eval_model, tokenizer, eval_data_path, eval_image_folder, chat_template(version), image_aspect_ratio)
+    results = evaluate(eval_model, tokenizer, eval_data_path, eval_image_folder, chat_template(version), image_aspect_ratio,
+                       no_coor=no_coor)
     print_table(results)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(results, f, indent=1)

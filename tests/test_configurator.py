@@ -98,6 +98,16 @@ def test_str_default_keeps_digits_as_a_string():
     assert configure(defaults(), ["--out_dir=1e-3"])["out_dir"] == "1e-3"  # not 0.001
 
 
+def test_numbers_and_lists_stand_in_for_a_comma_separated_string(tmp_path):
+    # per-file settings (data_path, data_multiple) are comma-separated strings; a config file may write a number
+    # or a list
+    config = tmp_path / "c.py"
+    config.write_text("data_multiple = 0.5\ndata_path = ['a.json', 'b.json']\n")
+    c = configure(dict(data_multiple="1", data_path="x.json"), [str(config)])
+    assert c == {"data_multiple": "0.5", "data_path": "a.json,b.json"}
+    assert configure(dict(data_multiple="1"), ["--data_multiple=3,1,0.2"])["data_multiple"] == "3,1,0.2"
+
+
 def test_path_and_config_dict_stand_in_for_each_other():
     assert configure(defaults(), ["--vision_tower=openai/clip-vit-large-patch14"])["vision_tower"] == \
         "openai/clip-vit-large-patch14"

@@ -17,12 +17,12 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def shards(tmp_path, tokenizer, data_path, image_folder, version="vicuna_v1", num_image_tokens=4, model_max_length=2048,
-           name="shards", **kw):
+           name="shards", regions=None, **kw):
     out = str(tmp_path / name)
     preprocess(str(data_path), str(image_folder), out, tokenizer, version, num_image_tokens, model_max_length,
-               num_proc=kw.pop("num_proc", 1), quiet=True, **kw)
+               num_proc=kw.pop("num_proc", 1), quiet=True, regions=regions, **kw)
     return ShardDataset(out, 32, CLIP_MEAN, CLIP_STD, tokenizer=tokenizer, version=version,
-                        num_image_tokens=num_image_tokens, model_max_length=model_max_length)
+                        num_image_tokens=num_image_tokens, model_max_length=model_max_length, regions=regions)
 
 
 def skipped(d):
@@ -67,8 +67,27 @@ BAD = {  # name: (record fields over GOOD, or a whole non-record; the reason: it
     "zero-size image": ({"image": "empty.png"}, "empty image file: "),
     "image in a reply": ({"conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "<image> red"}]},
                          "cannot hold"),
-    "box outside": ({"image_w": 48, "image_h": 48, "box_x1y1x2y2": [[[10, 10, 60, 20]]]}, "box outside the image: [10, 10, 60, 20] in 48x48"),
-    "box without size": ({"box_x1y1x2y2": [[[1, 1, 2, 2]]]}, "bad box: boxes given without a positive image_w"),
+    "box outside": ({"image_w": 48, "image_h": 48, "box_x1y1x2y2": [[[50, 10, 60, 20]], []]}, "box outside the image: [50, 10, 60, 20] in 48x48"),
+    "box inverted": ({"image_w": 48, "image_h": 48, "box_x1y1x2y2": [[[20, 10, 10, 20]], []]}, "bad box: [20, 10, 10, 20] is not"),
+    "placeholder without boxes": ({"conversations": [{"from": "human", "value": "<image>\nWhat is <bbox_location0>?"}, A]},
+                                  "bad placeholder: <bbox_location{i}> in a record without box_x1y1x2y2"),
+    "regions on two images": ({"image": ["images/train_000000.png", "images/train_000001.png"], "image_w": 48, "image_h": 48,
+                               "box_x1y1x2y2": [[], []], "conversations": [{"from": "human", "value": "<image> <image>"}, A]},
+                              "regions on 2 images"),
+    "box without size": ({"box_x1y1x2y2": [[[1, 1, 2, 2]], []]}, "bad box: boxes given without a positive image_w"),
+    "boxes not per message": ({"image_w": 48, "image_h": 48, "box_x1y1x2y2": [[[1, 1, 2, 2]]]}, "bad box: box_x1y1x2y2 (and masks) must hold a list per message"),
+    "placeholder without box": ({"image_w": 48, "image_h": 48, "box_x1y1x2y2": [[[1, 1, 9, 9]], []],
+                                 "conversations": [{"from": "human", "value": "<image>\nWhat is <bbox_location1>?"}, A]},
+                                "bad placeholder: <bbox_location1> in message 0, which has 1 boxes"),
+    "bad segmentation": ({"image_w": 48, "image_h": 48, "box_x1y1x2y2": [[[1, 1, 9, 9]], []], "masks": [[{"size": [48, 48], "counts": [5, 3]}], []],
+                          "conversations": [{"from": "human", "value": "<image>\nWhat is <bbox_location0>?"}, A]},
+                         "bad segmentation: its runs cover 8 pixels, not 48 x 48"),
+    "boxes in another frame": ({"image_w": 96, "image_h": 48, "box_x1y1x2y2": [[[1, 1, 9, 9]], []]},
+                               "image size: the boxes are given in 96x48, the file is 48x48"),
+    "region token in the text": ({"conversations": [{"from": "human", "value": "<image>\nWhat is <region_fea>?"}, A]},
+                                 "region token in the text"),
+    "regions without image": ({"image": None, "_drop": "image", "image_w": 48, "image_h": 48, "box_x1y1x2y2": [[], []],
+                               "conversations": [{"from": "human", "value": "What?"}, A]}, "regions on 0 images"),
     "sharegpt content list": ({"_drop": "conversations", "messages": [{"role": "user", "content": [{"text": "<image>"}]},
                                                                       {"role": "assistant", "content": "red"}]},
                               "text not a string: message 0 has a list content"),
@@ -479,3 +498,223 @@ def test_group_by_modality_length_keeps_kinds_apart_and_sorts(share):
     for b in full[:len(full) - 1]:
         assert len(set(has_image[b])) == 1  # one kind per batch (only the remainders mix)
         assert (np.diff(lengths[b]) <= 0).all()  # longest first
+
+
+# Ferret's GRIT records: regions in, boxes out ----------------------------------------------------------------
+
+from data import REGION_TOKEN, decode_segment, fit, fit_xy, place_regions, region_mask, sample_point  # noqa: E402
+
+SCREEN = {"id": 0, "image": "screen.png", "image_w": 1170, "image_h": 2532,  # Ferret-UI's sample, as its schema has it
+          "conversations": [{"from": "human", "value": "<image>\nWhat's the UI type of the widget <bbox_location0>?"},
+                            {"from": "gpt", "value": "Button"},
+                            {"from": "human", "value": "Where is the icon?"},
+                            {"from": "gpt", "value": "It is at <bbox_location0>."}],
+          "box_x1y1x2y2": [[[445, 524, 692, 632]], [], [], [[1035, 540, 1114, 622]]]}
+
+
+def messages(record):
+    return [{"from": m["from"], "value": m["value"]} for m in record["conversations"]]
+
+
+@pytest.fixture(scope="module")
+def region_tokenizer(shapes):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(shapes / "tokenizer"))
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", REGION_TOKEN]})
+    return tok
+
+
+@pytest.mark.parametrize("form", ["box", "point"])
+def test_placeholders_become_grid_coordinates_and_region_tokens(form):
+    rng = np.random.default_rng(0)
+    msgs, regions = place_regions(SCREEN, messages(SCREEN), rng, point_input_sample="center", form=form)
+    # human: the region as text on the 0-999 grid (x * 1000 / width, truncated) and its token; gpt: the box
+    text = "[380, 206, 591, 249]" if form == "box" else "[485, 228]"  # the center (568, 578) for a point
+    assert msgs[0]["value"] == f"<image>\nWhat's the UI type of the widget {text} <region_fea>?"
+    assert msgs[3]["value"] == "It is at [884, 213, 952, 245]."
+    assert msgs[1:3] == messages(SCREEN)[1:3]
+    assert len(regions) == 1 and regions[0]["kind"] == form and regions[0]["box"] == [445, 524, 692, 632]
+    assert regions[0]["point"] == ([568, 578] if form == "point" else None)
+    # no_coor: the token alone (the features must carry the location); without region features, text only
+    msgs, _ = place_regions(SCREEN, messages(SCREEN), rng, no_coor=True, form=form)
+    assert msgs[0]["value"].endswith("widget <region_fea>?") and msgs[3]["value"] == "It is at ."
+    msgs, regions = place_regions(SCREEN, messages(SCREEN), rng, add_region_feature=False, point_input_sample="center", form=form)
+    assert msgs[0]["value"].endswith(f"widget {text}?") and regions == []  # the region's text, as Ferret writes it then
+
+
+def test_boxes_partly_outside_are_clamped_to_the_image():
+    rec = {**SCREEN, "box_x1y1x2y2": [[[-5, 2500, 1200, 2600]], [], [], [[0, 0, 1, 1]]]}
+    msgs, regions = place_regions(rec, messages(rec), np.random.default_rng(0), form="box")
+    assert regions[0]["box"] == [0, 2500, 1170, 2532] and msgs[0]["value"].endswith("widget [0, 987, 999, 999] <region_fea>?")
+
+
+def test_box_or_point_is_drawn_per_human_message_and_seeded():
+    two = {**SCREEN, "conversations": [{"from": "human", "value": "<image>\n<bbox_location0> and <bbox_location1>?"},
+                                       {"from": "gpt", "value": "yes"}],
+           "box_x1y1x2y2": [[[10, 10, 50, 50], [100, 100, 300, 300]], []]}
+    kinds = []
+    for seed in range(200):
+        _, regions = place_regions(two, messages(two), np.random.default_rng(seed), point_input_sample="center")
+        assert len({r["kind"] for r in regions}) == 1  # one choice for the whole message, as Ferret does
+        kinds.append(regions[0]["kind"])
+    assert 70 < kinds.count("point") < 130  # 50/50
+    again = [place_regions(two, messages(two), np.random.default_rng(seed), point_input_sample="center")[1][0]["kind"]
+             for seed in range(200)]
+    assert again == kinds
+
+
+def test_regions_follow_the_order_of_their_tokens():
+    rec = {**SCREEN, "conversations": [{"from": "human", "value": "<image>\nIs <bbox_location1> left of <bbox_location0>?"},
+                                       {"from": "gpt", "value": "yes"}],
+           "box_x1y1x2y2": [[[500, 100, 600, 200], [10, 100, 110, 200]], []]}
+    msgs, regions = place_regions(rec, messages(rec), np.random.default_rng(0), form="box")
+    assert [r["box"] for r in regions] == [[10, 100, 110, 200], [500, 100, 600, 200]]
+    assert msgs[0]["value"] == "<image>\nIs [8, 39, 94, 78] <region_fea> left of [427, 39, 512, 78] <region_fea>?"
+
+
+def test_point_sampling_modes():
+    rng = np.random.default_rng(0)
+    box = [20, 10, 60, 30]
+    segment = np.zeros((40, 80), bool)
+    segment[12:16, 50:58] = True  # the object: a blob in the box's right part
+    assert sample_point(box, None, "center", rng) == [40, 20]
+    for _ in range(50):
+        x, y = sample_point(box, None, "gaussian", rng)
+        assert 20 <= x <= 60 and 10 <= y <= 30
+        x, y = sample_point(box, segment, "segment_mask|uniform", rng)
+        assert segment[y, x]
+    assert sample_point(box, segment, "segment_mask|center", rng) == [50, 15]  # the object's pixel nearest (40, 20)
+    x, y = sample_point(box, None, "segment_mask|center", rng)  # no segmentation: gaussian
+    assert 20 <= x <= 60 and 10 <= y <= 30
+    with pytest.raises(ValueError, match="point_input_sample"):
+        sample_point(box, None, "corner", rng)
+
+
+def test_coco_rle_and_polygons_decode_as_coco_does():
+    from pycocotools import mask as coco
+    rng = np.random.default_rng(0)
+    for h, w in [(7, 5), (40, 33), (64, 64)]:
+        m = rng.random((h, w)) < 0.3
+        m[h // 3:, : w // 2] = True  # long runs too (several characters each in the compressed counts)
+        rle = coco.encode(np.asfortranarray(m.astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode()
+        assert np.array_equal(decode_segment(rle, w, h), m)
+        counts = [2, 3, 4, h * w - 9]  # uncompressed counts: 2 out, 3 in, 4 out, the rest in (down the columns)
+        theirs = coco.decode(coco.frPyObjects({"size": [h, w], "counts": counts}, h, w)).astype(bool)
+        assert np.array_equal(decode_segment({"size": [h, w], "counts": counts}, w, h), theirs) and theirs[2, 0]
+    poly = [[10, 10, 30, 10, 30, 20, 10, 20]]
+    ours = decode_segment(poly, 40, 30)
+    theirs = coco.decode(coco.merge(coco.frPyObjects(poly, 30, 40))).astype(bool)
+    # PIL fills the polygon's edges too, COCO the pixels inside them: one more column and row here
+    assert ours[theirs].all() and (ours & ~theirs).sum() == 21 + 11 - 1 and not ours[5, 5]
+
+
+@pytest.mark.parametrize("mode", ["pad", "square_nocrop", "crop"])
+def test_region_masks_follow_the_image_transform(tmp_path, mode):
+    """A green rectangle at a box in a 120x60 image (the boxes given in a 240x120 frame, as a downscaled
+    copy's record would): after the transform, the region's mask covers the green pixels and nothing else
+    of note, whatever the mode moves and scales."""
+    a = np.full((60, 120, 3), 128, np.uint8)
+    a[20:40, 80:100] = (0, 255, 0)  # x 80-99, y 20-39 in the file: x 160-199, y 40-79 in the frame
+    img = Image.fromarray(a)
+    region = {"kind": "box", "box": [160, 40, 199, 79], "segment": None, "point": None}
+    mask = region_mask(region, (240, 120), img.size, mode, 32).numpy()
+    pixels = np.asarray(fit(img, mode, 32, (128, 128, 128)), np.int32)
+    green = (pixels[..., 1] > 200) & (pixels[..., 0] < 60)
+    assert green.any() and mask[green].all()  # every green input pixel is in the region
+    assert mask.sum() <= green.sum() + 2 * 32 // 2  # and the region is not much more (a pixel's edge at most)
+    # a point region is a small square around the point, inside the object
+    point = region_mask({**region, "kind": "point", "point": [180, 60]}, (240, 120), img.size, mode, 32).numpy()
+    assert point.any() and mask[point].all() and point.sum() < mask.sum()
+
+
+def test_a_segmentation_makes_a_free_form_region():
+    img_size, frame = (80, 40), (80, 40)
+    seg = np.zeros((40, 80), bool)
+    seg[10:30, 10:20] = True  # the object fills the box's left half
+    from pycocotools import mask as coco
+    rle = coco.encode(np.asfortranarray(seg.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode()
+    box = {"kind": "box", "box": [10, 10, 29, 29], "segment": rle, "point": None}
+    mask = region_mask(box, frame, img_size, "square_nocrop", 80).numpy()[::2]  # back to 80x40
+    assert mask[10:30, 10:20].all() and not mask[:, 22:].any()  # the box within the object
+    away = {**box, "segment": {"size": [40, 80], "counts": [40 * 70, 40 * 10]}}  # an object outside the box
+    assert region_mask(away, frame, img_size, "square_nocrop", 80).numpy()[::2][10:30, 10:30].all()  # the box alone
+
+
+def test_a_region_cut_away_by_crop_keeps_the_nearest_input_pixel():
+    region = {"kind": "box", "box": [0, 20, 5, 30], "segment": None, "point": None}  # the far left of a wide image
+    mask = region_mask(region, (200, 50), (200, 50), "crop", 50).numpy()
+    assert mask.sum() == 1 and mask[25, 0]  # its nearest: the crop's left edge, at its height
+
+
+@pytest.mark.parametrize("mode", ["pad", "square_nocrop", "crop"])
+def test_a_region_smaller_than_an_input_pixel_still_has_one(mode):
+    region = {"kind": "box", "box": [150, 100, 150, 100], "segment": None, "point": None}  # one pixel of 400 x 200
+    mask = region_mask(region, (400, 200), (400, 200), mode, 16).numpy()
+    x, y = fit_xy(150.5, 100.5, 400, 200, mode, 16)
+    assert mask.sum() == 1 and mask[int(y), int(x)]
+
+
+@pytest.mark.parametrize("mode", ["pad", "square_nocrop", "crop"])
+def test_fit_xy_is_where_fit_puts_a_pixel(mode):
+    for (w, h), (x, y) in [((90, 30), (70, 10)), ((30, 60), (5, 50)), ((40, 40), (39, 0))]:
+        a = np.zeros((h, w), np.float32)
+        a[y, x] = 1
+        moved = np.asarray(fit(Image.fromarray(a), mode, 20, 0.0, Image.BOX))
+        fx, fy = fit_xy(x + 0.5, y + 0.5, w, h, mode, 20)  # the pixel's center
+        if 0 <= fx < 20 and 0 <= fy < 20:  # where the transform spread it, its center is within half a pixel
+            ys, xs = np.nonzero(moved)
+            cx, cy = np.average(xs + 0.5, weights=moved[ys, xs]), np.average(ys + 0.5, weights=moved[ys, xs])
+            assert abs(cx - fx) <= 0.5 and abs(cy - fy) <= 0.5, (w, h, x, y, cx, cy, fx, fy)
+
+
+def test_a_point_region_stays_within_its_box():
+    region = {"kind": "point", "box": [10, 10, 12, 30], "point": [11, 20], "segment": None}  # a thin box
+    mask = region_mask(region, (40, 40), (40, 40), "square_nocrop", 40).numpy()
+    assert mask.any() and not mask[:, :10].any() and not mask[:, 13:].any() and mask[15:26, 10:13].all()
+
+
+def test_no_coor_needs_region_features(shapes, region_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="no_coor=True needs add_region_feature=True"):
+        shards(tmp_path, region_tokenizer, shapes / "ferret_train.json", shapes, regions=dict(no_coor=True))
+
+
+def test_grit_shards_give_one_mask_per_region_token(shapes, region_tokenizer, tmp_path):
+    Image.fromarray(np.zeros((2532 // 20, 1170 // 20, 3), np.uint8)).save(tmp_path / "screen.png")  # a scaled copy
+    records = [{**SCREEN, "id": i} for i in range(6)] + [{**GOOD, "id": "plain"}]
+    (tmp_path / "grit.json").write_text(json.dumps(records))
+    (tmp_path / "images").symlink_to(shapes / "images")
+    regions = dict(add_region_feature=True, point_input_sample="center")
+    d = shards(tmp_path, region_tokenizer, tmp_path / "grit.json", tmp_path, regions=regions)
+    token = region_tokenizer.convert_tokens_to_ids(REGION_TOKEN)
+    assert d.manifest["regions"] == {**regions, "no_coor": False} and len(d) == 7 and d.manifest["format"] == 2
+    kinds = set()
+    for i in range(7):
+        s = d[i]
+        n = int((s["input_ids"] == token).sum())
+        assert s["region_masks"].shape == (n, 32, 32) and s["region_masks"].dtype == torch.bool
+        assert s["region_image"].tolist() == [0] * n and all(m.any() for m in s["region_masks"])
+        assert n == (0 if i == 6 else 1)
+        kinds.add("[380, 206, 591, 249] <region_fea>" in region_tokenizer.decode(s["input_ids"]))
+    assert kinds == {True, False}  # boxes and points, drawn per record
+    b = collate([d[6], d[0], d[1]], region_tokenizer.pad_token_id)  # images 0, 1, 2: the regions are on 1 and 2
+    assert b["region_masks"].shape == (2, 32, 32) and b["region_image"].tolist() == [1, 2]
+    # another region setting is another set of shards
+    with pytest.raises(ValueError, match="regions:"):
+        ShardDataset(d.path, 32, CLIP_MEAN, CLIP_STD, tokenizer=region_tokenizer, version="vicuna_v1", num_image_tokens=4,
+                     model_max_length=2048, regions={**regions, "no_coor": True})
+
+
+def test_truncation_drops_the_regions_of_the_tokens_it_cuts(shapes, region_tokenizer, tmp_path):
+    Image.fromarray(np.zeros((2532 // 20, 1170 // 20, 3), np.uint8)).save(tmp_path / "screen.png")
+    long = {**SCREEN, "conversations": [{"from": "human", "value": "<image>\nWhat is <bbox_location0>?"}, {"from": "gpt", "value": "A"},
+                                        {"from": "human", "value": "And " * 40 + "<bbox_location0>?"}, {"from": "gpt", "value": "B"}],
+            "box_x1y1x2y2": [[[445, 524, 692, 632]], [], [[1035, 540, 1114, 622]], []]}
+    (tmp_path / "grit.json").write_text(json.dumps([long]))
+    full = shards(tmp_path, region_tokenizer, tmp_path / "grit.json", tmp_path, regions=dict(add_region_feature=True), name="full")
+    assert len(full[0]["region_masks"]) == 2
+    cut = int(np.flatnonzero(full[0]["labels"] != IGNORE_INDEX)[0]) + 8  # keeps the first answer, not the second question
+    d = shards(tmp_path, region_tokenizer, tmp_path / "grit.json", tmp_path, regions=dict(add_region_feature=True),
+               model_max_length=cut)
+    assert len(d[0]["input_ids"]) == cut and len(d[0]["region_masks"]) == 1

@@ -591,3 +591,134 @@ def test_train_flops_estimate_is_near_the_counted_flops(shapes, tokenizer, setup
         model(batch).backward()
     counted = counter.get_total_flops()
     assert abs(estimate - counted) <= 0.05 * counted, (setup, estimate, counted)
+
+
+# regions (Ferret) ------------------------------------------------------------------------------------------
+
+from model import RegionSampler, farthest_points, features_at, sample_points  # noqa: E402
+
+
+def test_features_are_read_at_x_y_where_the_region_is():
+    """A 4 x 8 map (rows x columns) whose channels hold each patch's column and row: a point (x, y) of the
+    image reads column x * 8 - 0.5 and row y * 4 - 0.5 (between patch centers, bilinear; clamped at the
+    edges). Read transposed, as Ferret's released code does, a point at the top right would get row 7."""
+    cols, rows = torch.meshgrid(torch.arange(8.0), torch.arange(4.0), indexing="xy")
+    fmap = torch.stack([cols, rows])[None]  # [1, 2, 4, 8]
+    xy = torch.tensor([[[0.95, 0.05], [0.5, 0.5], [0.1, 0.9], [0.3, 0.6]]])
+    got = features_at(fmap, xy)[0]
+    want = torch.stack([(xy[0, :, 0] * 8 - 0.5).clamp(0, 7), (xy[0, :, 1] * 4 - 0.5).clamp(0, 3)], -1)
+    torch.testing.assert_close(got, want)
+    assert got[0].tolist() == [7.0, 0.0]  # the top right reads the top right
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "dinov2_registers", "convnext"])
+def test_the_feature_map_puts_each_patch_where_it_is_in_the_image(family):
+    """A white square in the image's top right, black elsewhere: the tower's feature map differs from a
+    black image's most in its top right cells (patches see little past their edges in one layer), and not
+    in the bottom left, where a transposed map would put them."""
+    spec = TOWERS[family][0] if family != "convnext" else dict(model_type="convnext", image_size=32, patch_size=4, num_stages=1,
+                                                                 hidden_sizes=[8], depths=[1])
+    torch.manual_seed(0)
+    tower = VisionTower(spec, -1, "cls_patch").eval()
+    img = torch.zeros(1, 3, 32, 32)
+    img[:, :, :8, 24:] = 5.0  # rows 0-7, columns 24-31: the top right
+    with torch.no_grad():
+        diff = (tower.feature_map(tower(img)) - tower.feature_map(tower(torch.zeros_like(img)))).abs().sum(1)[0]
+    rows, cols = diff.shape
+    assert diff[0, cols - 1] > 0 and diff[0, cols - 1] == diff.max() and diff[rows - 1, 0] < diff.max() / 10, (family, diff)
+
+
+def test_points_fall_inside_their_mask_at_pixel_centers():
+    torch.manual_seed(0)
+    masks = torch.zeros(2, 16, 32, dtype=torch.bool)
+    masks[0, 2:4, 28:31] = True  # 6 pixels: all of them, then repeats
+    masks[1, 8:, :16] = True  # 128 pixels: a sample without repeats
+    xy = sample_points(masks, 20)
+    assert xy.shape == (2, 20, 2)
+    for m, pts in zip(masks, xy):
+        cols, rows = pts[:, 0] * 32 - 0.5, pts[:, 1] * 16 - 0.5
+        assert torch.equal(cols, cols.round()) and m[rows.long(), cols.long()].all()
+    assert len({tuple(p.tolist()) for p in xy[0]}) == 6 and len({tuple(p.tolist()) for p in xy[1]}) == 20
+    with pytest.raises(ValueError, match="empty region mask"):
+        sample_points(torch.zeros(1, 4, 4, dtype=torch.bool), 3)
+
+
+def test_farthest_points_spread_over_the_region():
+    xy = torch.tensor([[[0.5, 0.5], [0.0, 0.0], [0.52, 0.5], [1.0, 1.0], [0.0, 1.0], [0.49, 0.51]]])
+    assert farthest_points(xy, 4)[0].tolist() == [0, 1, 3, 4]  # from the first, each the farthest from the rest
+
+
+@pytest.mark.parametrize("geo, pooler", [(True, "mean"), (True, "max"), (False, "mean")])
+def test_region_sampler_reads_its_region_only_and_is_seeded(geo, pooler):
+    sampler = RegionSampler(6, 10, geo, num_init_point=32, num_sub_point=(8, 4), num_neighbor=(6, 3), pooler=pooler)
+    torch.manual_seed(1)
+    fmap = torch.randn(1, 6, 8, 8)
+    other = fmap.clone()
+    other[..., 5:, 5:] += 3.0  # another image only in its bottom right
+    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
+    masks[0, :8, :8] = True  # the top left
+    masks[1, 24:, 24:] = True  # the bottom right
+    maps = fmap.expand(2, -1, -1, -1)
+
+    def run(m, seed=0):
+        torch.manual_seed(seed)
+        return sampler(m, masks)
+    a = run(maps)
+    assert a.shape == (2, 10) and torch.equal(a, run(maps))  # the same under the same seed
+    b = run(other.expand(2, -1, -1, -1))
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])  # the top left does not see the change
+    # off the diagonal, where a swap of x and y would show: a change in the top right reaches a top-right
+    # region and not a bottom-left one
+    corner = fmap.clone()
+    corner[..., :3, 5:] += 3.0  # rows 0-2, columns 5-7
+    masks[0], masks[1] = False, False
+    masks[0, :8, 24:], masks[1, 24:, :8] = True, True
+    before, after = run(maps), run(corner.expand(2, -1, -1, -1))
+    assert not torch.allclose(before[0], after[0]) and torch.equal(before[1], after[1])
+    a.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sampler.parameters())
+
+
+def test_region_sampler_settings_are_checked():
+    with pytest.raises(ValueError, match="sampler_pooler_mode"):
+        RegionSampler(4, 4, pooler="sum")
+    with pytest.raises(ValueError, match="must shrink"):
+        RegionSampler(4, 4, num_init_point=16, num_sub_point=(32, 8), num_neighbor=(4, 4))
+
+
+def ferret_model(tokenizer, **overrides):
+    tok_id = len(tokenizer)  # <region_fea>, one past the tokenizer's ids
+    return make_model(tokenizer, add_region_feature=True, region_token_id=tok_id, vocab_size=len(tokenizer) + 1,
+                      sampler_num_init_point=16, sampler_num_sub_point=(8, 4), sampler_num_neighbor=(4, 4), **overrides)
+
+
+def test_region_features_are_written_at_region_tokens(shapes, tokenizer):
+    model = ferret_model(tokenizer)
+    batch = get_batch(shapes, tokenizer, model, n=2)
+    ids = batch["input_ids"].clone()
+    ids[0, -3], ids[1, -2] = model.region_token_id, model.region_token_id  # a region in each record
+    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
+    masks[0, :10, :10], masks[1, 20:, 20:] = True, True
+    image = torch.tensor([0, 1])
+    with torch.no_grad():
+        torch.manual_seed(0)
+        emb = model.embed(ids, batch["pixel_values"], masks, image)
+        torch.manual_seed(0)
+        tower = model.vision_tower.feature_map(model.vision_tower(batch["pixel_values"]))
+        want = model.region_sampler(tower[image], masks)
+    torch.testing.assert_close(emb[0, -3], want[0])
+    torch.testing.assert_close(emb[1, -2], want[1])
+    with pytest.raises(ValueError, match="2 region tokens but 1 region masks"):
+        model.embed(ids, batch["pixel_values"], masks[:1], image[:1])
+
+
+def test_a_batch_without_regions_still_trains_the_sampler_with_zero_gradients(shapes, tokenizer):
+    """As text-only batches do for the projector: the same parameters take part in every step (DDP, FSDP),
+    with gradient 0, and the loss is exactly the one without the stand-in."""
+    model = ferret_model(tokenizer).train()
+    batch = get_batch(shapes, tokenizer, model, n=2)
+    loss = model(batch)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().max() == 0 for p in model.region_sampler.parameters())
+    with torch.no_grad():
+        assert loss.item() == model(batch).item()

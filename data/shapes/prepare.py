@@ -10,7 +10,12 @@ a gray background of varied shade. Files, all LLaVA-format JSON:
                             exists and grounding questions
   captions.json             one caption per train image, for stage-1 alignment with the plain template
   val_questions.json        single questions with their type and answer, for eval.py
-  tokenizer/                a byte-level BPE trained on the text here (digits split one by one)
+  ferret_train.json, ferret_val.json
+                            per image, Ferret's GRIT format: referring questions about a region
+                            ("What is in <bbox_location0>?" -> "a blue square", the region a box or a point
+                            as data.py draws it) and grounding ("Where is the blue square?" -> its box)
+  ferret_val_questions.json single referring (box and point) and grounding questions, for eval.py
+  tokenizer/                a byte-level BPE trained on the text of train.json (digits split one by one)
 train.py runs this script by itself when the default data is missing.
 """
 import argparse
@@ -70,7 +75,7 @@ def box_text(box, size):
 
 def caption(objects):
     """Left to right, e.g. 'a red circle and a blue square.'"""
-    names = [("an " if color[0] in "aeiou" else "a ") + f"{color} {shape}" for shape, color, _ in sorted(objects, key=lambda o: o[2][0])]
+    names = [name(shape, color) for shape, color, _ in sorted(objects, key=lambda o: o[2][0])]
     return (", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + "."
 
 
@@ -95,6 +100,29 @@ def questions(rng, objects, size):
     ]
 
 
+def ferret_record(rng, objects, size, record_id, image):
+    """A GRIT record: 1-3 referring turns (a region in, its object out) and a grounding turn (an object in,
+    its box out), in random order. Box i of a message fills its <bbox_location{i}>."""
+    qas = [("What is in <bbox_location0>?", name(s, c), [box], []) for s, c, box in rng.sample(objects, rng.randint(1, len(objects)))]
+    s, c, box = rng.choice(objects)
+    qas.insert(rng.randint(0, len(qas)), (f"Where is the {c} {s}?", "<bbox_location0>", [], [box]))
+    return {"id": record_id, "image": image, "image_w": size, "image_h": size, "conversations": turns([qa[:2] for qa in qas]),
+            "box_x1y1x2y2": [list(b) for qa in qas for b in (qa[2], qa[3])]}
+
+
+def ferret_questions(objects, size, record_id, image):
+    """Single questions for eval.py: referring by box and by point (its center), grounding."""
+    s, c, box = objects[0]
+    q = {"id": record_id, "image": image, "image_w": size, "image_h": size, "boxes": [list(box)]}
+    return [{**q, "type": "referring", "region": "box", "question": "What is in <bbox_location0>?", "answer": name(s, c)},
+            {**q, "type": "referring_point", "region": "point", "question": "What is in <bbox_location0>?", "answer": name(s, c)},
+            {**q, "boxes": [], "type": "grounding", "question": f"Where is the {c} {s}?", "answer": box_text(box, size)}]
+
+
+def name(shape, color):
+    return ("an " if color[0] in "aeiou" else "a ") + f"{color} {shape}"
+
+
 def turns(qas):
     """[(question, answer)] -> LLaVA messages, the image tag in the first question."""
     out = []
@@ -103,25 +131,28 @@ def turns(qas):
     return out
 
 
-def build_split(rng, name, n, size, out):
+def build_split(rng, split, n, size, out, seed):
     """Per image: a conversation over 1-5 of the questions, and its caption as a record of its own (a
     caption names every shape: in the same conversation, answers could be copied from it instead of
     read off the image). captions.json holds the captions again in the plain template: every word of a
     caption depends on the image, so training on them first teaches the model to look."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    records, captions, single = [], [], []
+    records, captions, single, ferret, ferret_single = [], [], [], [], []
     for i in range(n):
         objects = place_shapes(rng, size)
-        image = f"images/{name}_{i:06d}.png"
+        image = f"images/{split}_{i:06d}.png"
         draw(objects, size, rng.randint(60, 200)).save(os.path.join(out, image))
         qs = questions(rng, objects, size)
         asked = rng.sample(qs[:-1], rng.randint(1, len(qs) - 1))
-        records += [{"id": f"{name}_{i}", "image": image, "conversations": turns([q[1:] for q in asked])},
-                    {"id": f"{name}_{i}_caption", "image": image, "conversations": turns([qs[-1][1:]])}]
-        captions.append({"id": f"{name}_{i}", "image": image, "conversations": [
+        records += [{"id": f"{split}_{i}", "image": image, "conversations": turns([q[1:] for q in asked])},
+                    {"id": f"{split}_{i}_caption", "image": image, "conversations": turns([qs[-1][1:]])}]
+        captions.append({"id": f"{split}_{i}", "image": image, "conversations": [
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": qs[-1][2]}]})
-        single += [{"id": f"{name}_{i}_{t}", "image": image, "type": t, "question": q, "answer": a} for t, q, a in qs]
-    return records, captions, single
+        single += [{"id": f"{split}_{i}_{t}", "image": image, "type": t, "question": q, "answer": a} for t, q, a in qs]
+        # Ferret's records draw from a generator of their own: the files above stay what they were
+        ferret.append(ferret_record(random.Random(f"{seed}-ferret-{split}-{i}"), objects, size, f"{split}_{i}_ferret", image))
+        ferret_single += ferret_questions(objects, size, f"{split}_{i}", image)
+    return records, captions, single, ferret, ferret_single
 
 
 def train_tokenizer(texts, path, vocab_size):
@@ -153,13 +184,14 @@ def main():
     a = p.parse_args()
     rng = random.Random(a.seed)
     files = {}
-    files["train.json"], files["captions.json"], _ = build_split(rng, "train", a.train, a.size, a.out)
-    files["val.json"], _, files["val_questions.json"] = build_split(rng, "val", a.val, a.size, a.out)
+    files["train.json"], files["captions.json"], _, files["ferret_train.json"], _ = build_split(rng, "train", a.train, a.size, a.out, a.seed)
+    files["val.json"], _, files["val_questions.json"], files["ferret_val.json"], files["ferret_val_questions.json"] = \
+        build_split(rng, "val", a.val, a.size, a.out, a.seed)
     texts = [render("vicuna_v1", r["conversations"]) for r in files["train.json"]]
     train_tokenizer(texts, os.path.join(a.out, "tokenizer"), a.vocab_size)
     for name, records in files.items():  # the JSON last: its presence means the split is complete
         with open(os.path.join(a.out, name + ".tmp"), "w") as f:
-            json.dump(records, f, indent=None if name != "val_questions.json" else 0)
+            json.dump(records, f, indent=None if not name.endswith("val_questions.json") else 0)
         os.replace(os.path.join(a.out, name + ".tmp"), os.path.join(a.out, name))
     print(f"wrote {a.train} train and {a.val} val images with {sum(len(r['conversations']) // 2 for r in files['train.json'])} "
           f"train questions to {a.out}")

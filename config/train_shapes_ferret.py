@@ -1,0 +1,22 @@
+# Ferret on the CPU: the shapes default's model with a region sampler, taught to name the object in a region
+# (referring: "What is in [x1, y1, x2, y2] <region_fea>?" -> "a blue square", or the region as a point) and
+# to give an object's box (grounding: "Where is the blue square?" -> "[x1, y1, x2, y2]"). Captions first,
+# as the default (half of them: the referring questions teach the tower too), then Ferret's GRIT records.
+# python train.py config/train_shapes_ferret.py    (BENCHMARKS.md: what it reaches, and in how long)
+out_dir = "out-shapes-ferret"
+data_path = "data/shapes/captions.json,data/shapes/ferret_train.json"
+version = "plain,vicuna_v1"
+curriculum = True
+data_multiple = "0.5,1"
+val_data_path = "data/shapes/ferret_val.json"
+eval_data_path = "data/shapes/ferret_val_questions.json"
+add_region_feature = True
+region_geo_sampler = True
+sampler_pooler_mode = "max"
+sampler_num_init_point = 64  # Ferret's 512 / (128, 32) / (24, 24), scaled to a 6 x 6 feature map
+sampler_num_sub_point = (16, 4)
+sampler_num_neighbor = (8, 4)
+point_input_sample = "center"
+image_aspect_ratio = "square_nocrop"  # Ferret's
+max_iters = 1500  # ~625 steps of captions, then ~875 of GRIT
+wandb_run_name = "shapes-ferret"
