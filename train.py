@@ -60,7 +60,7 @@ image_folder = "data/shapes"
 val_data_path = "data/shapes/val.json"
 val_image_folder = "data/shapes"
 version = "plain,vicuna_v1"  # chat template (conversation.py): one for all data files or one per file
-curriculum = True  # the data files one after another (each shuffled), instead of mixed: captions first
+curriculum = True  # the data files one after another (each shuffled), instead of mixed: captions first (each epoch)
 data_multiple = "1"  # per data file, comma-separated (or one for all): times each record is seen per epoch (Ferret's; 0.5 = half)
 group_by_modality_length = False  # LLaVA's: batches of image or text-only records, each sorted by length
 strict = False  # a bad record is an error instead of a counted skip (data.py lists skips in skipped.jsonl)
@@ -373,6 +373,9 @@ if n_steps == 0:
 max_iters = max_iters or n_steps * num_train_epochs
 warmup = warmup_iters or round(warmup_ratio * max_iters)
 log(f"train: {len(train_data)} records, {n_steps} steps of {global_batch} per epoch; {max_iters} steps")
+if curriculum and max_iters > n_steps and train_data.n_sources > 1:
+    log(f"warning: curriculum=True for more than one epoch: each epoch takes the data files in order again, so step "
+        f"{n_steps} goes back to the first file (train stages in runs of their own for that)")
 
 
 def loader(dataset, batches):

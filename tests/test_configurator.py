@@ -115,13 +115,23 @@ def test_path_and_config_dict_stand_in_for_each_other():
     assert c["model"] == {"model_type": "llama"}
 
 
+def train_defaults():
+    """train.py's globals above `config_keys`, as it defines them (the block reads torch.cuda)."""
+    src = (REPO / "train.py").read_text()
+    defaults = {}
+    exec("import torch\n" + src[src.index("# I/O"):src.index("config_keys =")], defaults)
+    return {k: v for k, v in defaults.items() if not k.startswith("__") and k != "torch"}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "config").glob("*.py")))
+def test_every_config_file_sets_only_train_settings(name):
+    # a key train.py does not have would stop the run at its start, on a GPU node: catch it here
+    configure(train_defaults(), [str(REPO / "config" / name)])
+
+
 def test_train_shapes_config_restates_the_defaults():
     """config/train_shapes.py says it holds train.py's defaults: keep the two equal."""
-    import torch  # noqa: F401  (the defaults block reads torch.cuda)
-    src = (REPO / "train.py").read_text()
-    defaults_block = src[src.index("# I/O"):src.index("config_keys =")]
-    defaults = {}
-    exec("import torch\n" + defaults_block, defaults)
+    defaults = train_defaults()
     config = {}
     exec((REPO / "config" / "train_shapes.py").read_text(), config)
     restated = {k: v for k, v in config.items() if not k.startswith("__")}
