@@ -189,10 +189,11 @@ def decode_segment(seg, w, h):
         if sum(runs) != h * w or min(runs, default=0) < 0:
             raise Skip(f"bad segmentation: its runs cover {sum(runs)} pixels, not {h} x {w}")
         return np.repeat(np.arange(len(runs)) % 2 == 1, runs).reshape(w, h).T
-    if isinstance(seg, list) and seg and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in seg):
+    if isinstance(seg, list) and seg and all(isinstance(p, list) and len(p) % 2 == 0 for p in seg):
         img = Image.new("L", (w, h))
         for poly in seg:
-            ImageDraw.Draw(img).polygon([float(v) for v in poly], fill=1)
+            if len(poly) >= 6:  # fewer than 3 points (COCO has some) cover nothing, as pycocotools finds too
+                ImageDraw.Draw(img).polygon([float(v) for v in poly], fill=1)
         return np.asarray(img, bool)
     raise Skip(f"bad segmentation: neither COCO RLE nor polygons: {str(seg)[:80]}")
 
@@ -235,11 +236,13 @@ def place_regions(record, messages, rng, add_region_feature=True, no_coor=False,
     w, h, boxes = record.get("image_w"), record.get("image_h"), record["box_x1y1x2y2"]
     if not (isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 0 and h > 0):
         raise Skip("bad box: boxes given without a positive image_w and image_h")
-    masks = record.get("masks") or [None] * len(boxes)
+    masks = record.get("masks") or [None] * len(boxes if isinstance(boxes, list) else [])
     if not (isinstance(boxes, list) and len(boxes) == len(messages) and isinstance(masks, list) and len(masks) == len(boxes)):
         raise Skip(f"bad box: box_x1y1x2y2 (and masks) must hold a list per message, {len(messages)} of them")
     regions, out = [], []
     for j, (m, turn, turn_masks) in enumerate(zip(messages, boxes, masks)):
+        if not isinstance(turn or [], list) or not isinstance(turn_masks or [], list):
+            raise Skip(f"bad box: message {j}'s boxes (and masks) are not a list: {str(turn)[:80]}")
         turn, turn_masks = list(turn or []), turn_masks or [None] * len(turn or [])
         for b, box in enumerate(turn):
             if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
@@ -306,8 +309,9 @@ def region_mask(region, frame, image_size, mode, size):
     the image's own pixels (its coordinates scaled from the record's frame, image_w x image_h, to the
     file's size), then given the image's transform (an input pixel is in the region if any pixel under it
     is). A box is the box (within the object, where a segmentation overlaps it: a free-form region); a
-    point, the square around it within the object (or its box). A region that crop cuts away keeps the
-    input pixel nearest its center."""
+    point, the square around it within the object (as Ferret), or else within its box (unless the box is
+    the point itself, as sample.py gives one). A region that crop cuts away keeps the input pixel nearest
+    its center (a point's: the point)."""
     (fw, fh), (w, h) = frame, image_size
     sx, sy = w / fw, h / fh
 
@@ -315,18 +319,23 @@ def region_mask(region, frame, image_size, mode, size):
         a = np.zeros((h, w), np.float32)
         a[max(0, int(y1 * sy)):int(y2 * sy) + 1, max(0, int(x1 * sx)):int(x2 * sx) + 1] = 1
         return a
-    shape = area(*region["box"])
+    x1, y1, x2, y2 = region["box"]
+    box = area(x1, y1, x2, y2)
+    segment = None
     if region["segment"] is not None:
         segment = decode_segment(region["segment"], int(fw), int(fh)).astype(np.float32)
-        within = shape * np.asarray(Image.fromarray(segment).resize((w, h), Image.NEAREST))
-        shape = within if within.any() else shape
+        segment = np.asarray(Image.fromarray(segment).resize((w, h), Image.NEAREST))
     if region["kind"] == "point":
-        (px, py), r = region["point"], POINT_RADIUS
-        square = area(px - r, py - r, px + r, py + r)
-        shape = square * shape if (square * shape).any() else square
+        (cx, cy), r = region["point"], POINT_RADIUS
+        shape = area(cx - r, cy - r, cx + r, cy + r)
+        bound = segment if segment is not None else box if (x2 > x1 or y2 > y1) else None
+    else:
+        (cx, cy), shape, bound = ((x1 + x2) / 2, (y1 + y2) / 2), box, segment
+    if bound is not None and (shape * bound).any():
+        shape = shape * bound
     mask = np.asarray(fit(Image.fromarray(shape), mode, size, 0.0, Image.BOX)) > 0  # float: a sliver still counts
     if not mask.any():  # cut away by crop
-        x, y = fit_xy((region["box"][0] + region["box"][2]) / 2 * sx, (region["box"][1] + region["box"][3]) / 2 * sy, w, h, mode, size)
+        x, y = fit_xy(cx * sx, cy * sy, w, h, mode, size)
         mask[min(max(int(y), 0), size - 1), min(max(int(x), 0), size - 1)] = True
     return torch.from_numpy(mask)
 

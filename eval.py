@@ -48,7 +48,7 @@ def evaluate(model, tokenizer, path, image_folder, template, image_aspect_ratio,
     args = image_args(model, {"image_aspect_ratio": image_aspect_ratio})
     for i in range(0, len(questions), batch_size):
         qs = questions[i:i + batch_size]
-        regions = [{"boxes": q["boxes"], "frame": [q["image_w"], q["image_h"]], "form": q.get("region", "box")}
+        regions = [{"boxes": q["boxes"], "frame": [q["image_w"], q["image_h"]], "form": q.get("region") or "box"}
                    if q.get("boxes") else None for q in qs]
         answers = ask(model, tokenizer, template, args, [os.path.join(image_folder, q["image"]) if q.get("image") else None for q in qs],
                       [q["question"] for q in qs], max_new_tokens, regions=regions, no_coor=no_coor)

@@ -373,7 +373,9 @@ class RegionSampler(nn.Module):
             center_xy, center_f = take(xy, centers), take(feats, centers)
             near = torch.cdist(center_xy, xy).topk(k, largest=False).indices  # [R, n, k], itself included
             center = torch.cat([center_f, center_xy.to(feats.dtype)], -1).unsqueeze(2).expand(-1, -1, k, -1)
-            relative = stage["relative"](torch.cat([take(feats, near), take(xy, near).to(feats.dtype)], -1) - center)
+            # offsets subtracted in fp32: in bf16 a position near 1 is only good to 1/256, about an input pixel
+            offsets = (take(xy, near) - center_xy.unsqueeze(2)).to(feats.dtype)
+            relative = stage["relative"](torch.cat([take(feats, near) - center_f.unsqueeze(2), offsets], -1))
             x = stage["norm"](F.relu(stage["fuse"](torch.cat([relative, center], -1))))  # [R, n, k, dim]
             xy, feats = center_xy, (x.mean(2) if self.pooler == "mean" else x.amax(2))
         return self.out(self.flatten(feats.flatten(1)))

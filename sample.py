@@ -38,6 +38,8 @@ def ask(model, tokenizer, template, image_args, images, questions, max_new_token
         img = open_image(path) if path else None
         placed = []
         if region:
+            if not path:
+                raise ValueError(f"a region needs an image: {question!r} has none")
             record = {"image_w": region["frame"][0], "image_h": region["frame"][1], "box_x1y1x2y2": [region["boxes"]]}
             messages, placed = place_regions(record, messages, None, add_region_feature=model.region_sampler is not None,
                                              no_coor=no_coor, point_input_sample="center", form=region["form"])

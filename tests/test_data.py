@@ -675,6 +675,24 @@ def test_a_point_region_stays_within_its_box():
     assert mask.any() and not mask[:, :10].any() and not mask[:, 13:].any() and mask[15:26, 10:13].all()
 
 
+def test_a_point_keeps_to_its_object_and_a_point_alone_to_its_square():
+    point = {"kind": "point", "box": [10, 10, 12, 30], "point": [11, 20], "segment": None}
+    seg = [[8, 15, 19, 15, 19, 25, 8, 25]]  # the object, x 8-19 and y 15-25, reaches left of the thin box
+    with_seg = region_mask({**point, "segment": seg}, (40, 40), (40, 40), "square_nocrop", 40).numpy()
+    assert np.array_equal(np.nonzero(with_seg.any(0))[0], np.arange(8, 17)) and not with_seg[:15].any()  # Ferret's: square x object
+    alone = region_mask({**point, "box": [11, 20, 11, 20]}, (40, 40), (40, 40), "square_nocrop", 40).numpy()  # sample.py --point
+    assert alone.sum() > 1 and alone[20, 11] and alone.sum() == (alone.any(0).sum() * alone.any(1).sum())  # the whole square
+    cut = region_mask({**point, "box": [0, 0, 100, 50], "point": [2, 25]}, (200, 50), (200, 50), "crop", 50).numpy()
+    assert cut.sum() == 1 and cut[25, 0]  # cut away by crop: the point's nearest input pixel, not the box's center's
+
+
+def test_degenerate_polygons_cover_nothing_and_a_bad_turn_is_a_skip():
+    assert decode_segment([[1, 1, 5, 5], [10, 10, 30, 10, 30, 20]], 40, 30)[12, 20]  # the 2-point one is dropped
+    assert not decode_segment([[1, 1, 5, 5]], 40, 30).any()
+    with pytest.raises(Skip, match="not a list"):
+        place_regions({"image_w": 10, "image_h": 10, "box_x1y1x2y2": [5]}, [{"from": "human", "value": "hi"}], None, form="box")
+
+
 def test_no_coor_needs_region_features(shapes, region_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="no_coor=True needs add_region_feature=True"):
         shards(tmp_path, region_tokenizer, shapes / "ferret_train.json", shapes, regions=dict(no_coor=True))

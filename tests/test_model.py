@@ -648,6 +648,19 @@ def test_farthest_points_spread_over_the_region():
     assert farthest_points(xy, 4)[0].tolist() == [0, 1, 3, 4]  # from the first, each the farthest from the rest
 
 
+def test_relative_positions_keep_a_pixel_in_bf16():
+    # under FSDP the sampler's weights are bf16; positions near 0.6 are bf16 to 1/256, more than a 336 px pixel
+    sampler = RegionSampler(8, 8, num_init_point=64, num_sub_point=(16, 4), num_neighbor=(8, 4)).to(torch.bfloat16)
+    seen = []
+    sampler.stages[0]["relative"].register_forward_pre_hook(lambda m, a: seen.append(a[0][..., -2:].float()))
+    masks = torch.zeros(1, 336, 336, dtype=torch.bool)
+    masks[0, 200:208, 200:208] = True
+    torch.manual_seed(0)
+    sampler(torch.randn(1, 8, 24, 24, dtype=torch.bfloat16), masks)
+    pixels = seen[0] * 336  # the neighbours' offsets from their center, in pixels: whole numbers, 0 to 7
+    assert (pixels - pixels.round()).abs().max() < 0.05 and pixels.abs().max() <= 7 and (pixels.abs().round() == 1).any()
+
+
 @pytest.mark.parametrize("geo, pooler", [(True, "mean"), (True, "max"), (False, "mean")])
 def test_region_sampler_reads_its_region_only_and_is_seeded(geo, pooler):
     sampler = RegionSampler(6, 10, geo, num_init_point=32, num_sub_point=(8, 4), num_neighbor=(6, 3), pooler=pooler)
