@@ -230,6 +230,12 @@ def stop_string(template, tokenizer=None):
     return marker.strip() or marker  # plain's marker is the newline itself
 
 
+def add_tokens(tokenizer, regions=False):
+    """<image> (and with regions Ferret's <region_fea>) as special tokens, where the tokenizer lacks them."""
+    new = [t for t in [IMAGE_TOKEN] + [REGION_TOKEN] * regions if t not in tokenizer.get_vocab()]
+    tokenizer.add_special_tokens({"additional_special_tokens": new} if new else {})
+
+
 def bos_ids(tokenizer):
     """[bos] if the tokenizer puts one in front of a text (Llama, Gemma), else [] (GPT-2, Qwen)."""
     bos = tokenizer.bos_token_id

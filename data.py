@@ -34,7 +34,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from conversation import IGNORE_INDEX, IMAGE_TOKEN, REGION_TOKEN, bos_ids, get_template, tokenize
+from conversation import IGNORE_INDEX, IMAGE_TOKEN, REGION_TOKEN, add_tokens, bos_ids, get_template, tokenize
 
 FORMAT = 2  # bump when the shard layout changes: older shards are then rebuilt or refused
 ROLES = {"human": "human", "gpt": "gpt", "system": "system", "user": "human", "assistant": "gpt"}
@@ -730,8 +730,7 @@ if __name__ == "__main__":
                  "[--version=vicuna_v1] [--num_image_tokens=576] [--model_max_length=2048] [--strict=True] "
                  "[--add_region_feature=True --point_input_sample=... --no_coor=False: as train.py's]")
     tok = AutoTokenizer.from_pretrained(args["tokenizer"])
-    new = [t for t in [IMAGE_TOKEN] + [REGION_TOKEN] * args["add_region_feature"] if t not in tok.get_vocab()]
-    tok.add_special_tokens({"additional_special_tokens": new} if new else {})  # as train.py adds them
+    add_tokens(tok, args["add_region_feature"])  # as train.py does
     preprocess(args["data_path"], args["image_folder"], args["out"], tok, args["version"], args["num_image_tokens"],
                args["model_max_length"], args["strict"], args["num_proc"] or None,
                regions={k: args[k] for k in REGIONS})

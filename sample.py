@@ -23,7 +23,6 @@ from data import BOX, image_tensor, open_image, place_regions, region_mask
 from model import checkpoints, load
 
 
-
 def ask(model, tokenizer, template, image_args, images, questions, max_new_tokens=64, temperature=0.0, top_p=0.9,
         generator=None, regions=None, no_coor=False):
     """One answer per (image path or None, question), generated as one left-padded batch. regions: per

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoTokenizer
 
 import configurator
-from conversation import chat_template
+from conversation import IGNORE_INDEX, IMAGE_TOKEN, REGION_TOKEN, add_tokens, chat_template
 from data import ShardDataset, collate, epoch_batches, global_batches, per_source, preprocess, rank_batches, read_manifest
 from lora import apply_lora, base_checksum, find_targets, has_lora, is_lora
 from model import VLM, blocks, checkpoint_blocks, checkpoints, load, load_projector, save, train_flops
@@ -203,13 +203,12 @@ if ckpt:
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
 else:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or model_name_or_path)
-    new_tokens = [t for t in ["<image>"] + ["<region_fea>"] * add_region_feature if t not in tokenizer.get_vocab()]
-    tokenizer.add_special_tokens({"additional_special_tokens": new_tokens} if new_tokens else {})
+    add_tokens(tokenizer, add_region_feature)
     model = VLM(dict(vision_tower=vision_tower, model_name_or_path=model_name_or_path,
                      mm_vision_select_layer=mm_vision_select_layer, mm_vision_select_feature=mm_vision_select_feature,
-                     mm_patch_merge=mm_patch_merge, mm_projector_type=mm_projector_type, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                     mm_patch_merge=mm_patch_merge, mm_projector_type=mm_projector_type, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                      vocab_size=len(tokenizer), add_region_feature=add_region_feature,
-                     region_token_id=tokenizer.convert_tokens_to_ids("<region_fea>") if add_region_feature else None,
+                     region_token_id=tokenizer.convert_tokens_to_ids(REGION_TOKEN) if add_region_feature else None,
                      region_geo_sampler=region_geo_sampler, sampler_pooler_mode=sampler_pooler_mode,
                      sampler_num_init_point=sampler_num_init_point, sampler_num_sub_point=sampler_num_sub_point,
                      sampler_num_neighbor=sampler_num_neighbor))
@@ -416,7 +415,7 @@ def estimate_val_loss():
     sums = torch.zeros(3, device=device)
     for batch in loader(val_data, batches[:eval_iters]):
         batch = to_device(batch)
-        n = (batch["labels"][:, 1:] != -100).sum()  # the mean over tokens, as in training
+        n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the mean over tokens, as in training
         with autocast:
             sums[0] += raw_model(batch) * n
             sums[1] += raw_model({**batch, "pixel_values": batch["pixel_values"].roll(1, 0)}) * n
@@ -489,10 +488,10 @@ while state["iter"] < max_iters:
         g["lr"] = g["base_lr"] * get_lr(it)
     # counted on the CPU, before the batches go to the device: no waiting for the device in the loop
     micro_batches = [next(batches) for _ in range(accum)]
-    n_tokens = [int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches]
+    n_tokens = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches]
     for b, n in zip(micro_batches, n_tokens):
         if n:  # not a stand-in for an empty micro-batch
-            counts += (int(b["attention_mask"].sum()), int((b["labels"] != -100).sum()), step_flops(b))
+            counts += (int(b["attention_mask"].sum()), int((b["labels"] != IGNORE_INDEX).sum()), step_flops(b))
     # the step's loss is the mean over all trained tokens of the global batch, however the batch is
     # split over processes and micro-steps: weigh each micro-batch's mean by its share of the tokens
     # (DDP and FSDP then average the processes' gradients, hence the factor world)
