@@ -54,7 +54,8 @@ def bench_preprocess(n=2000):
     from transformers import AutoTokenizer
 
     from conversation import render, tokenize
-    spec = importlib.util.spec_from_file_location("prep", os.path.join(os.path.dirname(__file__), "data/tokenizers/prepare.py"))
+    spec = importlib.util.spec_from_file_location("prep", os.path.join(os.path.dirname(__file__),
+                                                                       "data/tokenizers/prepare.py"))
     prep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prep)
     rng = random.Random(seed)
@@ -66,11 +67,13 @@ def bench_preprocess(n=2000):
         turns = []
         for r in range(rng.randint(1, 5)):
             turns += [{"from": "human", "value": ("<image>\n" if r == 0 else "") + sentence(rng.randint(5, 15))},
-                      {"from": "gpt", "value": " ".join(sentence(rng.randint(5, 25)) for _ in range(rng.randint(1, 3)))}]
+                      {"from": "gpt",
+                       "value": " ".join(sentence(rng.randint(5, 25)) for _ in range(rng.randint(1, 3)))}]
         records.append(turns)
     texts = [render("vicuna_v1", r) for r in records]
     print(f"{n} records, vicuna_v1, 576 tokens per image; records/s on one core (rendering the text not counted)")
-    print("| tokenizer | tokens/record | conversation.tokenize | LLaVA's method | LLaVA: masked out as mismatch | same ids and labels |")
+    print("| tokenizer | tokens/record | conversation.tokenize | LLaVA's method | LLaVA: masked out as mismatch "
+          "| same ids and labels |")
     print("|---|---|---|---|---|---|")
     for name in prep.SOURCES:
         tok = AutoTokenizer.from_pretrained(prep.fetch(name))
@@ -139,6 +142,7 @@ def write_synthetic_shards(path, n, image, seed=0, tokens=(100, 800), vocab=3200
     """Shards as data.preprocess writes them, for n records of random ids (an image each, all the same
     file): preprocessing a million records would take the benchmark's whole time."""
     import json
+
     import numpy as np
     rng = np.random.default_rng(seed)
     lengths = rng.integers(*tokens, n)
@@ -174,9 +178,11 @@ def bench_data_memory(sizes=(10_000, 1_000_000), batches=300, batch=8, workers=2
     JSON held in memory, as LLaVA's LazySupervisedDataset holds it in every worker)."""
     import gc
     import tempfile
+
     import numpy as np
     import torch
     from PIL import Image
+
     from data import ShardDataset, load_image
 
     class Measured(torch.utils.data.Dataset):  # a sample carries its worker's memory figures
@@ -222,11 +228,13 @@ def bench_data_memory(sizes=(10_000, 1_000_000), batches=300, batch=8, workers=2
                 return LLaVAStyle([{"id": str(i), "image": "img.jpg", "conversations": [
                     {"from": "human", "value": "<image>\n" + " ".join(rng.choice(words, 12))},
                     {"from": "gpt", "value": " ".join(rng.choice(words, 60))}]} for i in range(n)], image)
-            for name, make in (("shards", lambda: ShardDataset(path, 336, [0.5] * 3, [0.5] * 3)), ("LLaVA-style dicts", llava_style)):
+            for name, make in (("shards", lambda: ShardDataset(path, 336, [0.5] * 3, [0.5] * 3)),
+                               ("LLaVA-style dicts", llava_style)):
                 ds = make()
-                sampler = torch.utils.data.RandomSampler(range(n), num_samples=batches * batch, generator=torch.Generator().manual_seed(seed))
-                loader = torch.utils.data.DataLoader(Measured(ds), batch_size=batch, sampler=sampler, num_workers=workers,
-                                                     collate_fn=lambda s: s[-1])
+                sampler = torch.utils.data.RandomSampler(range(n), num_samples=batches * batch,
+                                                         generator=torch.Generator().manual_seed(seed))
+                loader = torch.utils.data.DataLoader(Measured(ds), batch_size=batch, sampler=sampler,
+                                                     num_workers=workers, collate_fn=lambda s: s[-1])
                 last = [m for m in loader][-workers:]
                 rss, anon, files = (max(m[k] for m in last) for k in range(3))
                 print(f"| {n:,} | {name} | {rss:.0f} | {anon:.0f} | {files:.0f} | {worker_memory()[0]:.0f} |")
@@ -264,7 +272,7 @@ def _lora_memory_run(mode, llm, r, T, seed, queue):
     import torch
 
     from lora import apply_lora, find_targets
-    from model import VLM
+    from model import VLM, VLMConfig
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # noqa: E731
@@ -272,14 +280,14 @@ def _lora_memory_run(mode, llm, r, T, seed, queue):
     torch.manual_seed(seed)
     tower = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                  num_attention_heads=2, image_size=32, patch_size=8)  # tiny: the LLM is what is measured
-    model = VLM(dict(vision_tower=tower, model_name_or_path=llm, mm_vision_select_layer=-1, mm_vision_select_feature="patch",
-                     mm_projector_type="mlp2x_gelu", image_token_id=0, vocab_size=llm["vocab_size"]))
+    model = VLM(VLMConfig(vision_tower=tower, model_name_or_path=llm, image_token_id=0, vocab_size=llm["vocab_size"]))
     model.requires_grad_(False)
     model.mm_projector.requires_grad_(True)
     if mode == "full":
         model.llm.requires_grad_(True)
     else:  # new adapters are trainable, their bases frozen
-        apply_lora(model, find_targets(model), r, 2 * r, 0.05, base_dtype=torch.bfloat16 if mode == "lora_bf16" else None)
+        apply_lora(model, find_targets(model), r, 2 * r, 0.05,
+                   base_dtype=torch.bfloat16 if mode == "lora_bf16" else None)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -308,8 +316,9 @@ def bench_lora_memory(r=32, T=256):
     full finetune of the LLM vs LoRA r on all its Linears (r / width = 1/32, as LLaVA's r=128 on a 4096-wide
     7B) vs the same with the frozen base in bf16. Each in a fresh process; on a GPU, max_memory_allocated."""
     import multiprocessing
-    llm = dict(model_type="llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
-               num_key_value_heads=16, max_position_embeddings=2048, vocab_size=32000, tie_word_embeddings=False)
+    llm = dict(model_type="llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+               num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048, vocab_size=32000,
+               tie_word_embeddings=False)
     ctx = multiprocessing.get_context("spawn")
     print(f"one sequence of {T} tokens; MiB")
     print("| mode | weights | trainable | gradients | AdamW state | peak of the step (process) | step time |")
@@ -334,20 +343,24 @@ def bench_parallel(steps=3, width=512, layers=8, batch_size=48, nproc=2):
     import subprocess
     llm = dict(model_type="llama", hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
                num_attention_heads=width // 64, num_key_value_heads=width // 64, max_position_embeddings=512)
-    print(f"{nproc} processes, LLM {layers} x {width}, global batch {batch_size}, {steps} steps; the last step's log line")
+    print(f"{nproc} processes, LLM {layers} x {width}, global batch {batch_size}, {steps} steps; "
+          "the last step's log line")
     print("| parallel | activation checkpointing | peak memory per process | tokens/s | TFLOP/s per process |")
     print("|---|---|---|---|---|")
     for parallel, reshard in (("ddp", True), ("fsdp", True), ("fsdp", False)):
         for ac in (False, True):
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
-                   f"--model_name_or_path={llm}", f"--parallel={parallel}", f"--fsdp_reshard_after_forward={reshard}",
-                   f"--activation_checkpointing={ac}", f"--batch_size={batch_size // nproc}", f"--max_iters={steps}",
-                   "--log_interval=1", "--eval_interval=100000", "--eval_data_path=", "--val_data_path=", "--out_dir=out-bench-parallel"]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc))})
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "train.py", f"--model_name_or_path={llm}", f"--parallel={parallel}",
+                   f"--fsdp_reshard_after_forward={reshard}", f"--activation_checkpointing={ac}",
+                   f"--batch_size={batch_size // nproc}", f"--max_iters={steps}", "--log_interval=1",
+                   "--eval_interval=100000", "--eval_data_path=", "--val_data_path=", "--out_dir=out-bench-parallel"]
+            out = subprocess.run(cmd, capture_output=True, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc))})
             line = [ln for ln in out.stdout.splitlines() if ln.startswith(f"step {steps}/")]
             if out.returncode or not line:
                 sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-            m = re.search(r"\| (\d+) tok/s .*?\| ([\d.e+-]+) TFLOP/s per process(, MFU [\d.]+%)? \| peak mem ([\d.]+) GiB", line[0])
+            m = re.search(r"\| (\d+) tok/s .*?\| ([\d.e+-]+) TFLOP/s per process(, MFU [\d.]+%)? "
+                          r"\| peak mem ([\d.]+) GiB", line[0])
             name = parallel if parallel == "ddp" else f"fsdp, reshard_after_forward={reshard}"
             print(f"| {name} | {ac} | {float(m[4]):.2f} GiB | {m[1]} | {m[2]}{m[3] or ''} |")
 

@@ -12,10 +12,13 @@ apart: the token can belong to the reply or to the prompt, not to both.
 
 This file knows nothing about tensors: it returns lists of ints.
 """
+import re
 
 IMAGE_TOKEN = "<image>"
 REGION_TOKEN = "<region_fea>"  # Ferret: one token per region of the image, its embedding the region's features
 IGNORE_INDEX = -100
+# a box as text, "[x1, y1, x2, y2]" on Ferret's 0-999 grid, as a grounding reply writes it (eval.py reads it)
+BOX = re.compile(r"\[\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\s*\]")
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -27,8 +30,9 @@ LLAMA_2_SYSTEM = (
     "Please ensure that your responses are socially unbiased and positive in nature.\n\nIf a question does not make "
     "any sense, or is not factually coherent, explain why instead of answering something not correct. If you don't "
     "know the answer to a question, please don't share false information.")
-LLAVA_LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
-                        "that the user provides, and assist the user with a variety of tasks using natural language.")
+LLAVA_LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual "
+                        "content that the user provides, and assist the user with a variety of tasks using natural "
+                        "language.")
 FERRET_SYSTEM = ("A chat between a human and an AI that understands visuals. In images, [x, y] denotes points: "
                  "top-left [0, 0], bottom-right [width-1, height-1]. Increasing x moves right; y moves down. "
                  "Bounding box: [x1, y1, x2, y2]. Image size: 1000x1000. Follow instructions. ")
@@ -73,7 +77,7 @@ def get_template(name):
 
 
 def move_image_first(value):
-    """LLaVA's preprocessing: the <image> tag leaves its place, the rest is stripped, and the tag opens the
+    """LLaVA's preprocess_multimodal: the <image> tag leaves its place, the rest is stripped, and the tag opens the
     message followed by a newline. A message with several tags (several images) keeps them in place."""
     if value.count(IMAGE_TOKEN) != 1:
         return value
@@ -85,7 +89,8 @@ def check_messages(messages):
     if not isinstance(messages, list) or not messages:
         raise ValueError("empty conversation")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("from") not in ("human", "gpt", "system") or not isinstance(m.get("value"), str):
+        if not isinstance(m, dict) or m.get("from") not in ("human", "gpt", "system") or \
+                not isinstance(m.get("value"), str):
             raise ValueError(f"message {i} must be {{'from': 'human' | 'gpt' | 'system', 'value': str}}, got {m!r}")
     system = None
     if messages[0]["from"] == "system":
@@ -133,7 +138,8 @@ def segments(template, messages, tokenizer=None):
             out.append(((t["sep"] if i else "") + f"[INST] {q} [/INST]", False))  # LLaVA lstrips the first sep
             if a is not None:
                 out.append((" " + a + " " + t["sep2"], True))
-    elif style == "mpt":  # <|im_start|>system\n...<|im_end|><|im_start|>user\nq<|im_end|><|im_start|>assistant\na<|im_end|>
+    # <|im_start|>system\n...<|im_end|><|im_start|>user\nq<|im_end|><|im_start|>assistant\na<|im_end|>
+    elif style == "mpt":
         user, assistant = t["roles"]
         out.append((system + t["sep"], False))
         for q, a in turns:
@@ -177,9 +183,9 @@ def merge(segs):
 def auto_segments(messages, tokenizer):
     """Segments from the tokenizer's own Hugging Face chat template. The template is a black box, so the
     replies are found by rendering: the text before reply k is the rendering of the turns before it with
-    the generation prompt; the reply follows (maybe behind a space), then its end-of-turn marker (what the template writes after
-    the reply, up to the next line break). A template that does not render conversations this way (one
-    that rewrites earlier turns, say) cannot be masked exactly, and is refused."""
+    the generation prompt; the reply follows (maybe behind a space), then its end-of-turn marker (what the
+    template writes after the reply, up to the next line break). A template that does not render
+    conversations this way (one that rewrites earlier turns, say) cannot be masked exactly, and is refused."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("template 'auto' needs a tokenizer with a chat_template")
     system, turns = check_messages(messages)
@@ -258,7 +264,8 @@ def encode(tokenizer, text, start):
 
 
 def tokenize(template, messages, tokenizer, num_image_tokens=1):
-    """Messages -> (input_ids, labels): labels equal input_ids on the replies and their end-of-turn marker,
+    """Messages -> (input_ids, labels), LLaVA's preprocess_v1 / preprocess_plain / ... and
+    tokenizer_image_token in one: labels equal input_ids on the replies and their end-of-turn marker,
     -100 elsewhere. Each <image> becomes num_image_tokens copies of the image token id. The ids are those
     of the whole rendered text (behind the tokenizer's BOS, if it uses one), except where a token would
     cross the edge of a reply: there the text is cut and each side encoded on its own."""

@@ -1,5 +1,7 @@
 """
-Records -> validated -> tokenized -> memory-mapped shards -> samples -> batches (DESIGN.md's batch contract).
+Records -> validated -> tokenized -> memory-mapped shards -> samples -> batches: LLaVA's
+LazySupervisedDataset, DataCollatorForSupervisedDataset and LengthGroupedSampler, with its
+preprocess_multimodal and preprocess_v1 done once, before training, by conversation.tokenize.
 
 Preprocess once, then train from the shards:
 
@@ -16,6 +18,12 @@ makes the first one an error). The shards hold no Python objects, only numpy arr
 worker maps from disk, so a worker's memory does not grow with the number of records (LLaVA keeps the
 whole JSON in every worker).
 
+A batch is the one contract between this file and model.py: input_ids and labels [B, T] int64 (labels
+-100 where nothing trains), attention_mask [B, T] (1 on the tokens, 0 on the right padding), pixel_values
+[N_img, 3, H, W], the images in the order their blocks of image tokens appear, and for Ferret region_masks
+[N_reg, H, W] bool with region_image [N_reg] (the index of each region's image), in the order of their
+<region_fea> tokens.
+
 Batches: an epoch is a seeded order of all records (each source replicated by its data_multiple), cut
 into global batches; a global batch is cut into micro-batches that the ranks take in turn, so one process
 with N accumulation steps and N processes with one see the same records in each step, and every record
@@ -25,15 +33,16 @@ import hashlib
 import json
 import multiprocessing
 import os
-import re
 import shutil
+import subprocess
 import sys
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
+import ferret  # Ferret
 from conversation import IGNORE_INDEX, IMAGE_TOKEN, REGION_TOKEN, add_tokens, bos_ids, get_template, tokenize
 
 FORMAT = 2  # bump when the shard layout changes: older shards are then rebuilt or refused
@@ -132,149 +141,11 @@ def check_image(path):
     return size
 
 
-# regions (Ferret's GRIT records) ----------------------------------------------------------------------------
-# A GRIT record is a LLaVA record with image_w, image_h (the pixel frame of its boxes), box_x1y1x2y2 (per
-# message, the pixel boxes that its <bbox_location{i}> placeholders name) and optionally masks (per message
-# and box, the object's segmentation: COCO RLE or polygons). In a human message a placeholder becomes the
-# region as text and a <region_fea> token, "[x1, y1, x2, y2] <region_fea>" or "[x, y] <region_fea>" (box or
-# point, drawn per message), whose embedding the model's region sampler fills from the image inside the
-# region; in a reply it becomes the box as text, which the model learns to write (grounding). Text
-# coordinates are integers on Ferret's 0-999 grid, x to the right, y down.
-
-PLACEHOLDER = re.compile(r"<bbox_location(\d+)>")
-BOX = re.compile(r"\[\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\s*\]")  # a box as text, as a reply writes it
-REGIONS = dict(add_region_feature=False, no_coor=False, point_input_sample="segment_mask|center")  # place_regions' settings
-POINT_RADIUS = 5  # a point region is the (2r+1)-pixel square around it (within the object), as in Ferret
-
-
-def grid(v, size):
-    """A pixel coordinate -> Ferret's 0-999 grid (clamped to the image, then truncated, as Ferret does)."""
-    return int(min(max(v, 0), size - 1) * 1000 / size)
-
-
-def region_text(region, w, h):
-    """'[x1, y1, x2, y2]' for a box, '[x, y]' for a point, on the grid of a w x h image."""
-    if region["kind"] == "point":
-        x, y = region["point"]
-        return f"[{grid(x, w)}, {grid(y, h)}]"
-    x1, y1, x2, y2 = region["box"]
-    return f"[{grid(x1, w)}, {grid(y1, h)}, {grid(x2, w)}, {grid(y2, h)}]"
-
-
-def rle_counts(counts):
-    """COCO's compressed RLE string -> run lengths (6 bits a character, 5 of them data, the sixth 'more';
-    from the third run on, each is coded as its difference to the run two before)."""
-    runs, p = [], 0
-    while p < len(counts):
-        x, k, more = 0, 0, True
-        while more:
-            c = ord(counts[p]) - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p, k = p + 1, k + 1
-            if not more and c & 0x10:
-                x |= -1 << (5 * k)  # negative
-        runs.append(x + (runs[-2] if len(runs) > 2 else 0))
-    return runs
-
-
-def decode_segment(seg, w, h):
-    """A segmentation -> bool [h, w]: COCO RLE ({"size": [h, w], "counts": str or list}, runs of 0s and 1s
-    down the columns) or polygons ([[x0, y0, x1, y1, ...], ...], in pixels)."""
-    if isinstance(seg, dict):
-        if list(seg.get("size", [])) != [h, w]:
-            raise Skip(f"bad segmentation: its size {seg.get('size')} is not the image's [{h}, {w}]")
-        counts = seg["counts"]
-        runs = rle_counts(counts) if isinstance(counts, str) else list(counts)
-        if sum(runs) != h * w or min(runs, default=0) < 0:
-            raise Skip(f"bad segmentation: its runs cover {sum(runs)} pixels, not {h} x {w}")
-        return np.repeat(np.arange(len(runs)) % 2 == 1, runs).reshape(w, h).T
-    if isinstance(seg, list) and seg and all(isinstance(p, list) and len(p) % 2 == 0 for p in seg):
-        img = Image.new("L", (w, h))
-        for poly in seg:
-            if len(poly) >= 6:  # fewer than 3 points (COCO has some) cover nothing, as pycocotools finds too
-                ImageDraw.Draw(img).polygon([float(v) for v in poly], fill=1)
-        return np.asarray(img, bool)
-    raise Skip(f"bad segmentation: neither COCO RLE nor polygons: {str(seg)[:80]}")
-
-
-def sample_point(box, segment, mode, rng):
-    """A point inside an object, in pixels, as Ferret's point_input_sample draws it: 'center' (of the
-    box), 'gaussian' (around the center, std 0.15 of the box, redrawn until inside it), and with a
-    segmentation 'segment_mask|uniform' (any pixel of the object) or 'segment_mask|center' (the object's
-    pixel nearest the box center; without a segmentation these two fall back to 'gaussian')."""
-    x1, y1, x2, y2 = box
-    center = np.array([(x1 + x2) / 2, (y1 + y2) / 2])
-    if mode.startswith("segment_mask|") and segment is not None and segment.any():
-        ys, xs = np.nonzero(segment)
-        if mode == "segment_mask|uniform":
-            k = rng.integers(len(xs))
-        elif mode == "segment_mask|center":
-            k = np.argmin((xs - center[0]) ** 2 + (ys - center[1]) ** 2)
-        else:
-            raise ValueError(f"point_input_sample={mode!r}")
-        return [int(xs[k]), int(ys[k])]
-    if mode == "center":
-        return [int(center[0]), int(center[1])]
-    if mode not in ("gaussian", "segment_mask|uniform", "segment_mask|center"):
-        raise ValueError(f"point_input_sample={mode!r}: use 'center', 'gaussian', 'segment_mask|uniform' or 'segment_mask|center'")
-    std = 0.15 * np.array([x2 - x1, y2 - y1])
-    for _ in range(100):
-        p = rng.normal(center, std)
-        if x1 <= p[0] <= x2 and y1 <= p[1] <= y2:
-            return [int(p[0]), int(p[1])]
-    return [int(center[0]), int(center[1])]
-
-
-def place_regions(record, messages, rng, add_region_feature=True, no_coor=False, point_input_sample="segment_mask|center",
-                  form=None):
-    """A GRIT record's placeholders -> text: (messages, regions), the regions in the order of their
-    <region_fea> tokens, each {"kind": "box" | "point", "box", "point", "segment"} in pixels of image_w x
-    image_h. A human message's regions are all boxes or all points (form, or drawn 50/50 per message, as
-    Ferret does); without add_region_feature they are their coordinates only, and with no_coor their token
-    alone. A box partly outside the image is clamped to it (as Ferret does); one wholly outside is a skip."""
-    w, h, boxes = record.get("image_w"), record.get("image_h"), record["box_x1y1x2y2"]
-    if not (isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 0 and h > 0):
-        raise Skip("bad box: boxes given without a positive image_w and image_h")
-    masks = record.get("masks") or [None] * len(boxes if isinstance(boxes, list) else [])
-    if not (isinstance(boxes, list) and len(boxes) == len(messages) and isinstance(masks, list) and len(masks) == len(boxes)):
-        raise Skip(f"bad box: box_x1y1x2y2 (and masks) must hold a list per message, {len(messages)} of them")
-    regions, out = [], []
-    for j, (m, turn, turn_masks) in enumerate(zip(messages, boxes, masks)):
-        if not isinstance(turn or [], list) or not isinstance(turn_masks or [], list):
-            raise Skip(f"bad box: message {j}'s boxes (and masks) are not a list: {str(turn)[:80]}")
-        turn, turn_masks = list(turn or []), turn_masks or [None] * len(turn or [])
-        for b, box in enumerate(turn):
-            if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
-                    and box[0] <= box[2] and box[1] <= box[3]):
-                raise Skip(f"bad box: {box!r} is not [x1, y1, x2, y2] with x1 <= x2, y1 <= y2")
-            if box[2] < 0 or box[3] < 0 or box[0] > w or box[1] > h:
-                raise Skip(f"box outside the image: {box} in {w}x{h}")
-            turn[b] = [min(max(v, 0), size) for v, size in zip(box, (w, h, w, h))]
-        decoded = [decode_segment(seg, int(w), int(h)) if seg is not None else None for seg in turn_masks]  # checks them
-        human = m["from"] == "human"
-        kind = (form or ("point" if rng.random() < 0.5 else "box")) if human else "box"
-
-        def replace(match):
-            i = int(match[1])
-            if i >= len(turn):
-                raise Skip(f"bad placeholder: {match[0]} in message {j}, which has {len(turn)} boxes")
-            if not human:  # a reply writes the box
-                return "" if no_coor else region_text({"kind": "box", "box": turn[i]}, w, h)
-            segment, mask = (turn_masks[i], decoded[i]) if i < len(turn_masks) else (None, None)
-            region = {"kind": kind, "box": turn[i], "segment": segment,
-                      "point": sample_point(turn[i], mask, point_input_sample, rng) if kind == "point" else None}
-            if not add_region_feature:
-                return region_text(region, w, h)
-            regions.append(region)
-            return REGION_TOKEN if no_coor else region_text(region, w, h) + " " + REGION_TOKEN
-        out.append({**m, "value": PLACEHOLDER.sub(replace, m["value"])})
-    return out, regions
-
+# images: LLaVA's expand2square ('pad') and the other transforms ---------------------------------------------
 
 def fit(img, mode, size, fill, resample=Image.BICUBIC):
-    """The image transform, for an image and for its region masks alike: 'pad' (LLaVA: pad to a square
-    with `fill`, then resize), 'square_nocrop' (Ferret: resize, aspect not kept), 'crop' (resize the short
+    """The image transform, for an image and for its region masks alike: 'pad' (LLaVA's expand2square: pad
+    to a square with `fill`, then resize), 'square_nocrop' (Ferret: resize, aspect not kept), 'crop' (resize the short
     side, then center crop)."""
     w, h = img.size
     if mode == "pad" and w != h:
@@ -304,41 +175,20 @@ def fit_xy(x, y, w, h, mode, size):
     return x * size / w, y * size / h
 
 
-def region_mask(region, frame, image_size, mode, size):
-    """A region -> bool [size, size] at the model's input, where the image transform puts it: drawn over
-    the image's own pixels (its coordinates scaled from the record's frame, image_w x image_h, to the
-    file's size), then given the image's transform (an input pixel is in the region if any pixel under it
-    is). A box is the box (within the object, where a segmentation overlaps it: a free-form region); a
-    point, the square around it within the object (as Ferret), or else within its box (unless the box is
-    the point itself, as sample.py gives one). A region that crop cuts away keeps the input pixel nearest
-    its center (a point's: the point)."""
-    (fw, fh), (w, h) = frame, image_size
-    sx, sy = w / fw, h / fh
-
-    def area(x1, y1, x2, y2):  # the pixels [x1, x2] x [y1, y2] of the file, as 0/1
-        a = np.zeros((h, w), np.float32)
-        a[max(0, int(y1 * sy)):int(y2 * sy) + 1, max(0, int(x1 * sx)):int(x2 * sx) + 1] = 1
-        return a
-    x1, y1, x2, y2 = region["box"]
-    box = area(x1, y1, x2, y2)
-    segment = None
-    if region["segment"] is not None:
-        segment = decode_segment(region["segment"], int(fw), int(fh)).astype(np.float32)
-        segment = np.asarray(Image.fromarray(segment).resize((w, h), Image.NEAREST))
-    if region["kind"] == "point":
-        (cx, cy), r = region["point"], POINT_RADIUS
-        shape = area(cx - r, cy - r, cx + r, cy + r)
-        bound = segment if segment is not None else box if (x2 > x1 or y2 > y1) else None
-    else:
-        (cx, cy), shape, bound = ((x1 + x2) / 2, (y1 + y2) / 2), box, segment
-    if bound is not None and (shape * bound).any():
-        shape = shape * bound
-    mask = np.asarray(fit(Image.fromarray(shape), mode, size, 0.0, Image.BOX)) > 0  # float: a sliver still counts
+def region_mask(region, frame, image_size, mode, size):  # Ferret
+    """A Ferret region -> bool [size, size] at the model's input, where the image transform puts it: its
+    mask over the image's own pixels (ferret.region_pixels) given the image's transform (an input pixel is in
+    the region if any pixel under it is). A region that crop cuts away keeps the input pixel nearest its
+    center (a point's: the point)."""
+    pixels, (cx, cy) = ferret.region_pixels(region, frame, image_size)
+    mask = np.asarray(fit(Image.fromarray(pixels), mode, size, 0.0, Image.BOX)) > 0  # float: a sliver still counts
     if not mask.any():  # cut away by crop
-        x, y = fit_xy(cx * sx, cy * sy, w, h, mode, size)
+        x, y = fit_xy(cx, cy, *image_size, mode, size)
         mask[min(max(int(y), 0), size - 1), min(max(int(x), 0), size - 1)] = True
     return torch.from_numpy(mask)
 
+
+# records -> tokens -----------------------------------------------------------------------------------------
 
 def truncate(ids, trained, max_len, image_id, num_image_tokens):
     """Cut compact ids (one image id per image) to max_len tokens counted with num_image_tokens per image,
@@ -357,7 +207,7 @@ def truncate(ids, trained, max_len, image_id, num_image_tokens):
 
 def prepare(record, folder, template, tokenizer, num_image_tokens, max_len, regions=None, rng=None):
     """One record -> (compact ids int32, trained uint8, image paths, its regions or None), or Skip with the
-    reason. regions: place_regions' settings, for GRIT records (rng draws their box-or-point choices)."""
+    reason. regions: ferret.place_regions' settings, for GRIT records (rng draws their box-or-point choices)."""
     messages, images = normalize(record)
     if not any(m["from"] == "gpt" for m in messages):
         raise Skip("no assistant reply")
@@ -365,21 +215,15 @@ def prepare(record, folder, template, tokenizer, num_image_tokens, max_len, regi
     if n_tags != len(images):
         raise Skip(f"image tags: {n_tags} <image> tags for {len(images)} images")
     if any(REGION_TOKEN in m["value"] for m in messages):
-        raise Skip(f"region token in the text: {REGION_TOKEN} comes from a <bbox_location{{i}}> placeholder and its box")
+        raise Skip(f"region token in the text: {REGION_TOKEN} comes from a <bbox_location{{i}}> placeholder and "
+                   "its box")
     paths = [os.path.join(folder, i) for i in images]
     sizes = [check_image(p) for p in paths]
     placed = None
-    if record.get("box_x1y1x2y2") is not None:
-        if len(images) != 1:
-            raise Skip(f"regions on {len(images)} images: GRIT's regions are on its record's one image")
-        messages, found = place_regions(record, messages, rng, **(regions or {}))
-        (w, h), frame = sizes[0], [record["image_w"], record["image_h"]]
-        # the boxes' frame is the file's size, or the file is a scaled copy (rounding moves the aspect a little)
-        if abs(w * frame[1] - h * frame[0]) > 0.02 * w * frame[1]:
-            raise Skip(f"image size: the boxes are given in {frame[0]}x{frame[1]}, the file is {w}x{h}")
-        placed = {"frame": frame, "regions": found}
-    elif any(PLACEHOLDER.search(m["value"]) for m in messages):
-        raise Skip("bad placeholder: <bbox_location{i}> in a record without box_x1y1x2y2")
+    try:  # Ferret: a GRIT record's regions, in the text and as masks to make
+        messages, placed = ferret.place(record, messages, sizes, rng, regions)
+    except ferret.BadRegion as e:
+        raise Skip(str(e)) from e
     try:
         ids, labels = tokenize(template, messages, tokenizer, 1)
     except ValueError as e:  # turns out of order, an empty message, <image> in a reply, ...
@@ -387,7 +231,7 @@ def prepare(record, folder, template, tokenizer, num_image_tokens, max_len, regi
     ids = np.asarray(ids, np.int32)
     ids, trained = truncate(ids, np.asarray(labels) != IGNORE_INDEX, max_len,
                             tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), num_image_tokens)
-    if placed:  # the regions whose tokens truncation kept
+    if placed:  # Ferret: the regions whose tokens truncation kept
         placed["regions"] = placed["regions"][:int((ids == tokenizer.convert_tokens_to_ids(REGION_TOKEN)).sum())]
     return ids, trained.astype(np.uint8), paths, placed if placed and placed["regions"] else None
 
@@ -398,7 +242,8 @@ def tokenizer_hash(tokenizer):
     """Same vocabulary, merges, normalization, specials and chat template -> same hash: the shards' ids
     mean the same tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's whole definition, as JSON
-    h = hashlib.sha1(backend.to_str().encode() if backend else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    definition = backend.to_str() if backend else json.dumps(sorted(tokenizer.get_vocab().items()))
+    h = hashlib.sha1(definition.encode())
     h.update(json.dumps([str(tokenizer.bos_token), str(tokenizer.eos_token), tokenizer.chat_template,
                          bos_ids(tokenizer)]).encode())
     return h.hexdigest()[:16]
@@ -418,11 +263,7 @@ def settings(data_path, image_folder, tokenizer, version, num_image_tokens, mode
 
 def model_settings(tokenizer, templates, num_image_tokens, model_max_length, regions=None):
     """The settings that tie shards to a model: train.py checks these on shards it did not make."""
-    regions = {**REGIONS, **(regions or {})}
-    if regions["add_region_feature"] and REGION_TOKEN not in tokenizer.get_vocab():
-        raise ValueError(f"add_region_feature=True, but the tokenizer has no {REGION_TOKEN} token")
-    if regions["no_coor"] and not regions["add_region_feature"]:
-        raise ValueError("no_coor=True needs add_region_feature=True: without coordinates or features a region is nothing")
+    regions = ferret.settings(regions, tokenizer)  # Ferret
     return {"format": FORMAT, "templates": templates, "template_definitions": [get_template(t) for t in templates],
             "tokenizer": tokenizer_hash(tokenizer), "vocab_size": len(tokenizer),
             "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), "num_image_tokens": num_image_tokens,
@@ -484,8 +325,9 @@ def preprocess(data_path, image_folder, out, tokenizer, version, num_image_token
         return have
     if have is None and os.path.isdir(out) and os.listdir(out):
         raise ValueError(f"{out} is a folder that holds no shards: not replacing it; give another --out")
-    _worker.update(tokenizer=tokenizer, folders=[s["image_folder"] for s in want["sources"]], templates=want["templates"],
-                   num_image_tokens=num_image_tokens, max_len=model_max_length, regions=want["regions"])
+    _worker.update(tokenizer=tokenizer, folders=[s["image_folder"] for s in want["sources"]],
+                   templates=want["templates"], num_image_tokens=num_image_tokens, max_len=model_max_length,
+                   regions=want["regions"])
     items = ((i, where, record) for i, s in enumerate(want["sources"]) for where, record in read_source(s["path"]))
     num_proc = num_proc or os.cpu_count()
     pool = multiprocessing.get_context("fork").Pool(num_proc) if num_proc > 1 else None  # workers inherit _worker
@@ -574,11 +416,12 @@ def load_image(path, mode, size, mean, std):
 
 
 class ShardDataset(torch.utils.data.Dataset):
-    """Samples {input_ids, labels, pixel_values [n_images, 3, H, W], region_masks [n_regions, H, W] bool,
-    region_image [n_regions] (which of the sample's images)} from the shards in `path`. Given the model's
-    settings (tokenizer, version, num_image_tokens, model_max_length, regions), shards made with
-    others are refused, naming what differs: their ids would mean other tokens, or their lengths other
-    limits. Index ~i (negative) gives record i with nothing trained: a stand-in for an empty micro-batch."""
+    """LLaVA's LazySupervisedDataset, from shards: samples {input_ids, labels, pixel_values [n_images, 3, H,
+    W], region_masks [n_regions, H, W] bool, region_image [n_regions] (which of the sample's images)} from
+    the shards in `path`. Given the model's settings (tokenizer, version, num_image_tokens,
+    model_max_length, regions), shards made with others are refused, naming what differs: their ids would
+    mean other tokens, or their lengths other limits. Index ~i (negative) gives record i with nothing
+    trained: a stand-in for an empty micro-batch."""
 
     def __init__(self, path, image_size, image_mean, image_std, image_aspect_ratio="pad", tokenizer=None,
                  version=None, num_image_tokens=None, model_max_length=None, regions=None):
@@ -587,12 +430,14 @@ class ShardDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{path}: no manifest.json (make shards with: python data.py --out={path} ...)")
         if tokenizer is not None:
             templates = per_source(version, len(self.manifest["sources"]), "templates")
-            diff = differences(self.manifest, model_settings(tokenizer, templates, num_image_tokens, model_max_length, regions))
+            want = model_settings(tokenizer, templates, num_image_tokens, model_max_length, regions)
+            diff = differences(self.manifest, want)
             if diff:
                 raise ValueError(f"{path}: these shards were made with other settings: " + "; ".join(diff))
         self.path, self.image_args = path, (image_aspect_ratio, image_size, image_mean, image_std)
         self.num_image_tokens, self.image_id = self.manifest["num_image_tokens"], self.manifest["image_token_id"]
-        self.lengths, self.sources, self.image_index = (self.load(n) for n in ("lengths.npy", "sources.npy", "image_index.npy"))
+        self.lengths, self.sources, self.image_index = (self.load(f"{n}.npy")
+                                                        for n in ("lengths", "sources", "image_index"))
         self.has_image = np.diff(self.image_index) > 0
         self.n_sources, self.skipped = len(self.manifest["sources"]), self.manifest["skipped"]
         self.arrays = None  # the big ones are mapped on first use, in the process that reads them
@@ -609,7 +454,8 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def blob(self, name, dtype):
         path = os.path.join(self.path, name)
-        return np.memmap(path, dtype, "r") if os.path.getsize(path) else np.zeros(0, dtype)  # an empty file cannot be mapped
+        # an empty file cannot be mapped
+        return np.memmap(path, dtype, "r") if os.path.getsize(path) else np.zeros(0, dtype)
 
     def __getitem__(self, i):
         if self.arrays is None:
@@ -625,18 +471,19 @@ class ShardDataset(torch.utils.data.Dataset):
         labels = torch.where(torch.from_numpy(trained), input_ids, IGNORE_INDEX)
         imgs = [open_image(images[k].decode()) for k in range(self.image_index[j], self.image_index[j + 1])]
         mode, size = self.image_args[:2]
-        pixels = torch.stack([image_tensor(img, *self.image_args) for img in imgs]) if imgs else torch.zeros(0, 3, size, size)
+        pixels = torch.stack([image_tensor(img, *self.image_args) for img in imgs]) if imgs else \
+            torch.zeros(0, 3, size, size)
         placed = bytes(regions_all[region_offsets[j]:region_offsets[j + 1]])
         placed = json.loads(placed) if placed else {"regions": []}  # GRIT regions, all on the record's first image
-        masks = [region_mask(r, placed["frame"], imgs[0].size, mode, size) for r in placed["regions"]]
+        masks = [region_mask(r, placed["frame"], imgs[0].size, mode, size) for r in placed["regions"]]  # Ferret
         return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels,
                 "region_masks": torch.stack(masks) if masks else torch.zeros(0, size, size, dtype=torch.bool),
                 "region_image": torch.zeros(len(masks), dtype=torch.long)}
 
 
 def collate(samples, pad_token_id):
-    """Right-pad to the longest sample; images, and regions, concatenated in the order their tokens appear
-    (region_image then counts the batch's images)."""
+    """LLaVA's DataCollatorForSupervisedDataset: right-pad to the longest sample; images, and regions,
+    concatenated in the order their tokens appear (region_image then counts the batch's images)."""
     T = max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((len(samples), T), pad_token_id, dtype=torch.long)
     labels = torch.full((len(samples), T), IGNORE_INDEX, dtype=torch.long)
@@ -669,9 +516,9 @@ def epoch_order(sources, seed, epoch, multiples=None, curriculum=False):
 
 def global_batches(order, size, lengths=None, has_image=None, seed=0, epoch=0):
     """An epoch's order -> global batches of `size` records (the last one may be smaller). With lengths,
-    LLaVA's group_by_modality_length: image and text-only records apart, and within each run of `size`
-    sorted by length (less padding); the full batches are shuffled, the remainders of both kinds go last.
-    One kind may be absent."""
+    LLaVA's group_by_modality_length (its LengthGroupedSampler): image and text-only records apart, and
+    within each run of `size` sorted by length (less padding); the full batches are shuffled, the
+    remainders of both kinds go last. One kind may be absent."""
     if lengths is None:
         return [order[i:i + size] for i in range(0, len(order), size)]
     rng = np.random.default_rng([seed, epoch, 1])
@@ -719,12 +566,23 @@ def steps_per_epoch(n, global_batch):
     return -(-n // global_batch)  # the last global batch may be smaller: every record, every epoch
 
 
+def make_if_missing(path):
+    """A missing file under data/<name>/ is made by data/<name>/prepare.py: the built-in datasets make
+    themselves on a first run."""
+    parts = os.path.normpath(path).split(os.sep)
+    script = os.path.join(*parts[:2], "prepare.py") if len(parts) > 2 and parts[0] == "data" else None
+    if not os.path.exists(path) and script and os.path.exists(script):
+        print(f"{path} is missing: running {script}", flush=True)
+        subprocess.run([sys.executable, script], check=True)
+
+
 if __name__ == "__main__":
-    import configurator
     from transformers import AutoTokenizer
+
+    import configurator
     args = configurator.configure(dict(data_path="", image_folder="", out="", tokenizer="", version="vicuna_v1",
-                                       num_image_tokens=576, model_max_length=2048, strict=False, num_proc=0, **REGIONS),
-                                  sys.argv[1:])
+                                       num_image_tokens=576, model_max_length=2048, strict=False, num_proc=0,
+                                       **ferret.REGIONS), sys.argv[1:])  # Ferret
     if not (args["data_path"] and args["out"] and args["tokenizer"]):
         sys.exit("usage: python data.py --data_path=a.json,b.jsonl --image_folder=dirA,dirB --out=DIR --tokenizer=PATH "
                  "[--version=vicuna_v1] [--num_image_tokens=576] [--model_max_length=2048] [--strict=True] "
@@ -733,4 +591,4 @@ if __name__ == "__main__":
     add_tokens(tok, args["add_region_feature"])  # as train.py does
     preprocess(args["data_path"], args["image_folder"], args["out"], tok, args["version"], args["num_image_tokens"],
                args["model_max_length"], args["strict"], args["num_proc"] or None,
-               regions={k: args[k] for k in REGIONS})
+               regions={k: args[k] for k in ferret.REGIONS})  # Ferret

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from data import BOX
+from conversation import BOX
 
 
 def iou(a, b):
@@ -50,8 +50,9 @@ def evaluate(model, tokenizer, path, image_folder, template, image_aspect_ratio,
         qs = questions[i:i + batch_size]
         regions = [{"boxes": q["boxes"], "frame": [q["image_w"], q["image_h"]], "form": q.get("region") or "box"}
                    if q.get("boxes") else None for q in qs]
-        answers = ask(model, tokenizer, template, args, [os.path.join(image_folder, q["image"]) if q.get("image") else None for q in qs],
-                      [q["question"] for q in qs], max_new_tokens, regions=regions, no_coor=no_coor)
+        images = [os.path.join(image_folder, q["image"]) if q.get("image") else None for q in qs]
+        answers = ask(model, tokenizer, template, args, images, [q["question"] for q in qs], max_new_tokens,
+                      regions=regions, no_coor=no_coor)
         for q, a in zip(qs, answers):
             right[q["type"]] = right.get(q["type"], 0) + is_correct(a, q["answer"])
             total[q["type"]] = total.get(q["type"], 0) + 1
@@ -59,17 +60,22 @@ def evaluate(model, tokenizer, path, image_folder, template, image_aspect_ratio,
     return {**{t: right[t] / total[t] for t in total}, "n_questions": total}
 
 
-def print_table(results):
+def report(results, path):
+    """Print the accuracies as a table and write them to path (eval.json)."""
     print(f"{'question type':<14} {'accuracy':>8} {'n':>6}")
     for t, n in results["n_questions"].items():
         print(f"{t:<14} {results[t]:>8.3f} {n:>6}")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":
-    import configurator
-    from conversation import chat_template
-    from model import checkpoints, load
     from transformers import AutoTokenizer
+
+    import configurator
+    from checkpoint import checkpoints, load
+    from conversation import chat_template
     args = configurator.configure(dict(out_dir="out-shapes", ckpt="", eval_data_path="data/shapes/val_questions.json",
                                        eval_image_folder="data/shapes", device="cpu"), sys.argv[1:])
     ckpt = args["ckpt"] or (checkpoints(args["out_dir"]) or [None])[-1]
@@ -79,6 +85,4 @@ if __name__ == "__main__":
     results = evaluate(model, AutoTokenizer.from_pretrained(ckpt), args["eval_data_path"], args["eval_image_folder"],
                        chat_template(config["train"]["version"]), config["train"]["image_aspect_ratio"],
                        no_coor=config["train"].get("no_coor", False))
-    print_table(results)
-    with open(os.path.join(os.path.dirname(ckpt), "eval.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    report(results, os.path.join(os.path.dirname(ckpt), "eval.json"))

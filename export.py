@@ -10,7 +10,7 @@ others) loads without glimpse:
     model = LlavaForConditionalGeneration.from_pretrained("llava-hf")
     processor = AutoProcessor.from_pretrained("llava-hf")
 
-The folder holds config.json and model.safetensors (model.save_hf_llava), the tokenizer, the image
+The folder holds config.json and model.safetensors (hf_llava.save_hf_llava), the tokenizer, the image
 processor settings that redo data.load_image, and the run's chat template as Jinja. A model that Llava
 cannot represent (a conv tower, merged patches, a projector other than 'mlp2x_gelu' or 'linear', a
 region sampler, ...) is refused with the reason. `init_from=<folder>` in train.py reads it back.
@@ -22,9 +22,10 @@ import sys
 import torch
 
 import configurator
+from checkpoint import checkpoints, load, save
 from conversation import chat_template, get_template, stop_string
+from hf_llava import save_hf_llava
 from lora import merge_lora
-from model import checkpoints, load, save, save_hf_llava
 
 
 def image_processor(mode, size, mean, std):
@@ -51,22 +52,27 @@ def jinja_chat_template(name, tokenizer=None):
     q = json.dumps  # a JSON string is a Jinja string literal
     # a message's text, with an image part written as <image>
     flat = ("{%- macro flat(c) -%}{%- if c is string -%}{{ c }}{%- else -%}{%- for p in c -%}"
-            "{{ '<image>' if p.type == 'image' else (p.text if p.type == 'text' else '') }}{%- endfor -%}{%- endif -%}{%- endmacro -%}")
+            "{{ '<image>' if p.type == 'image' else (p.text if p.type == 'text' else '') }}"
+            "{%- endfor -%}{%- endif -%}{%- endmacro -%}")
     if t["style"] == "plain":  # the image alone, then the caption
-        return flat + ("{%- for m in messages -%}{%- if m.role == 'user' -%}{{ '<image>' }}{%- elif m.role == 'assistant' -%}"
-                       "{{ flat(m.content) + " + q(t["sep"]) + " }}{%- endif -%}{%- endfor -%}")
+        return flat + ("{%- for m in messages -%}{%- if m.role == 'user' -%}{{ '<image>' }}"
+                       "{%- elif m.role == 'assistant' -%}{{ flat(m.content) + " + q(t["sep"]) + " }}"
+                       "{%- endif -%}{%- endfor -%}")
     # LLaVA moves a message's one image to its front: '<image>\n' + the rest, stripped
     image_first = ("{%- macro user(c) -%}{%- set s = flat(c) -%}{%- if s.count('<image>') == 1 -%}"
-                   "{{ ('<image>\n' + s.replace('<image>', '') | trim) | trim }}{%- else -%}{{ s }}{%- endif -%}{%- endmacro -%}")
+                   "{{ ('<image>\n' + s.replace('<image>', '') | trim) | trim }}{%- else -%}{{ s }}{%- endif -%}"
+                   "{%- endmacro -%}")
     # each style as Jinja expressions: the text before the first turn, a user turn, an assistant turn, the
     # assistant's cue; s is the system prompt, q and a the messages, first whether q is the first question
     sep, sep2 = q(t.get("sep", "")), q(t.get("sep2", ""))
     roles = [q(r) for r in t.get("roles", ("", ""))]
     user_, assistant_ = [q(r + ": ") for r in t.get("roles", ("", ""))]
     style = {
-        "two": (f"s + {sep}", f"{user_} + q + {sep}", f"{assistant_} + a + {sep2}", q(t.get("roles", ("", ""))[1] + ":")),
-        "llama_2": ("''", f"({sep} if not first else '') + '[INST] ' + (('<<SYS>>\n' + s + '\n<</SYS>>\n\n') if first and s else '')"
-                          " + q + ' [/INST]'", f"' ' + a + ' ' + {sep2}", "''"),
+        "two": (f"s + {sep}", f"{user_} + q + {sep}", f"{assistant_} + a + {sep2}",
+                q(t.get("roles", ("", ""))[1] + ":")),
+        "llama_2": ("''", f"({sep} if not first else '') + '[INST] ' + "
+                          "(('<<SYS>>\n' + s + '\n<</SYS>>\n\n') if first and s else '') + q + ' [/INST]'",
+                    f"' ' + a + ' ' + {sep2}", "''"),
         "mpt": (f"s + {sep}", f"{roles[0]} + q + {sep}", f"{roles[1]} + a + {sep}", roles[1]),
         "llama_3": (f"('<|start_header_id|>system<|end_header_id|>\n\n' + (s | trim) + {sep2}) if s else ''",
                     f"'<|start_header_id|>user<|end_header_id|>\n\n' + (q | trim) + {sep2}",
@@ -74,7 +80,8 @@ def jinja_chat_template(name, tokenizer=None):
                     "'<|start_header_id|>assistant<|end_header_id|>\n\n'"),
         "chatml": ("'<|im_start|>system\n' + s + '<|im_end|>\n'", "'<|im_start|>user\n' + q + '<|im_end|>\n'",
                    f"'<|im_start|>assistant\n' + a + {sep2} + '\n'", "'<|im_start|>assistant\n'"),
-        "gemma": ("''", "'<start_of_turn>user\n' + ((s + '\n\n') if first and s else '') + (q | trim) + '<end_of_turn>\n'",
+        "gemma": ("''",
+                  "'<start_of_turn>user\n' + ((s + '\n\n') if first and s else '') + (q | trim) + '<end_of_turn>\n'",
                   f"'<start_of_turn>model\n' + (a | trim) + {sep2} + '\n'", "'<start_of_turn>model\n'"),
     }
     before, user, assistant, cue = style[t["style"]]
@@ -100,8 +107,9 @@ def export(ckpt, hf_dir, dtype="float32"):
     llava = save_hf_llava(model, hf_dir)  # refuses first, before anything else is written
     t = model.vision_tower
     tokenizer.chat_template = jinja_chat_template(template, tokenizer)
-    processor = LlavaProcessor(image_processor(train.get("image_aspect_ratio", "pad"), t.image_size, t.image_mean, t.image_std),
-                               tokenizer, patch_size=t.encoder.config.patch_size, chat_template=tokenizer.chat_template,
+    pixels = image_processor(train.get("image_aspect_ratio", "pad"), t.image_size, t.image_mean, t.image_std)
+    processor = LlavaProcessor(pixels, tokenizer, patch_size=t.encoder.config.patch_size,
+                               chat_template=tokenizer.chat_template,
                                vision_feature_select_strategy=llava.vision_feature_select_strategy,
                                num_additional_image_tokens=t.num_prefix, image_token="<image>")
     processor.save_pretrained(hf_dir)
@@ -109,7 +117,8 @@ def export(ckpt, hf_dir, dtype="float32"):
     # generate() stops at EOS and at the template's stop string when that is a single token
     stop = tokenizer(stop_string(template, tokenizer), add_special_tokens=False)["input_ids"]
     eos = sorted(i for i in {tokenizer.eos_token_id, *(stop if len(stop) == 1 else [])} if i is not None)
-    generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
+                                  pad_token_id=tokenizer.pad_token_id)
     generation.save_pretrained(hf_dir)
     return llava
 
@@ -125,7 +134,8 @@ def export_merged(ckpt, out):
 
 
 if __name__ == "__main__":
-    args = configurator.configure(dict(out_dir="out-shapes", ckpt="", hf_dir="", merged_dir="", dtype="float32"), sys.argv[1:])
+    args = configurator.configure(dict(out_dir="out-shapes", ckpt="", hf_dir="", merged_dir="", dtype="float32"),
+                                  sys.argv[1:])
     ckpt = args["ckpt"] or (checkpoints(args["out_dir"]) or [None])[-1]
     if ckpt is None or not (args["hf_dir"] or args["merged_dir"]):
         sys.exit(f"usage: python export.py --out_dir=<a run's out_dir> --hf_dir=<new folder> (or --merged_dir=<new "
@@ -138,4 +148,5 @@ if __name__ == "__main__":
             export(ckpt, args["hf_dir"], args["dtype"])
         except ValueError as e:
             sys.exit(f"{ckpt}: {e}")
-        print(f"wrote {args['hf_dir']}: LlavaForConditionalGeneration.from_pretrained and AutoProcessor.from_pretrained load it")
+        print(f"wrote {args['hf_dir']}: LlavaForConditionalGeneration.from_pretrained and "
+              "AutoProcessor.from_pretrained load it")

@@ -8,8 +8,8 @@ so step 0 is the base model exactly, and A at random (as nn.Linear's weight), so
 zero (with both at zero, neither would ever move). rsLoRA (Kalajdzievski, 2023) scales by alpha / sqrt(r)
 instead, which keeps the update's size steady as r grows.
 
-train.py wraps the layers (lora_enable=True and the lora_* keys), model.save writes the adapters and the
-other trained weights only, model.load puts them back onto their base, and merge_lora turns every
+train.py wraps the layers (lora_enable=True and the lora_* keys), checkpoint.save writes the adapters and the
+other trained weights only, checkpoint.load puts them back onto their base, and merge_lora turns every
 wrapper into one plain nn.Linear with W + (alpha / r) B A (export.py). This file imports nothing from
 the project; all but find_targets (which reads a model.VLM's llm and vision_tower) work on any torch module.
 """
@@ -122,7 +122,8 @@ def base_checksum(model, trained):
 
 def lora_state_dict(model):
     """What a LoRA checkpoint holds: the adapters and every other parameter that trains (the projector,
-    a tower being finetuned). The frozen base is not in it: it loads from where it came from."""
+    a tower being finetuned: LLaVA's non_lora_trainables.bin, in the same file). The frozen base is not in
+    it: it loads from where it came from."""
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad or is_lora(n)}
 
 

@@ -18,9 +18,10 @@ import torch
 from transformers import AutoTokenizer
 
 import configurator
-from conversation import chat_template, stop_string, tokenize
-from data import BOX, image_tensor, open_image, place_regions, region_mask
-from model import checkpoints, load
+from checkpoint import checkpoints, load
+from conversation import BOX, chat_template, stop_string, tokenize
+from data import image_tensor, open_image, region_mask
+from ferret import place_regions  # Ferret
 
 
 def ask(model, tokenizer, template, image_args, images, questions, max_new_tokens=64, temperature=0.0, top_p=0.9,
@@ -36,14 +37,14 @@ def ask(model, tokenizer, template, image_args, images, questions, max_new_token
         messages = [{"from": "human", "value": ("<image>\n" if path else "") + question}]
         img = open_image(path) if path else None
         placed = []
-        if region:
+        if region:  # Ferret: the region as its text (and its <region_fea> token)
             if not path:
                 raise ValueError(f"a region needs an image: {question!r} has none")
             record = {"image_w": region["frame"][0], "image_h": region["frame"][1], "box_x1y1x2y2": [region["boxes"]]}
-            messages, placed = place_regions(record, messages, None, add_region_feature=model.region_sampler is not None,
-                                             no_coor=no_coor, point_input_sample="center", form=region["form"])
+            messages, placed = place_regions(record, messages, None, model.region_sampler is not None, no_coor,
+                                             point_input_sample="center", form=region["form"])
         prompts.append(tokenize(template, messages, tokenizer, model.num_image_tokens)[0])
-        masks += [region_mask(r, region["frame"], img.size, mode, size) for r in placed]
+        masks += [region_mask(r, region["frame"], img.size, mode, size) for r in placed]  # Ferret
         mask_image += [len(pixels)] * len(placed)
         pixels += [image_tensor(img, *image_args)] if img else []
     T = max(map(len, prompts))
@@ -52,8 +53,9 @@ def ask(model, tokenizer, template, image_args, images, questions, max_new_token
     for i, p in enumerate(prompts):
         input_ids[i, T - len(p):], attention_mask[i, T - len(p):] = torch.tensor(p), 1
     stop = stop_string(template, tokenizer)
-    new = model.generate(input_ids.to(device), attention_mask.to(device), torch.stack(pixels).to(device) if pixels else None,
-                         max_new_tokens, temperature, top_p, {tokenizer.eos_token_id}, generator, stop=ends_with_text(tokenizer, stop),
+    new = model.generate(input_ids.to(device), attention_mask.to(device),
+                         torch.stack(pixels).to(device) if pixels else None, max_new_tokens, temperature, top_p,
+                         {tokenizer.eos_token_id}, generator, stop=ends_with_text(tokenizer, stop),
                          region_masks=torch.stack(masks).to(device) if masks else None,
                          region_image=torch.tensor(mask_image, device=device) if masks else None)
     texts = tokenizer.batch_decode(new.tolist(), skip_special_tokens=True)
@@ -94,19 +96,21 @@ def draw(path, region, answer, out):
 
 
 if __name__ == "__main__":
-    args = configurator.configure(dict(out_dir="out-shapes", ckpt="", image="", prompt="Describe the image.", box="", point="",
-                                       out_png="", max_new_tokens=64, temperature=0.0, top_p=0.9, seed=1337, device="cpu"),
-                                  sys.argv[1:])
+    args = configurator.configure(dict(out_dir="out-shapes", ckpt="", image="", prompt="Describe the image.", box="",
+                                       point="", out_png="", max_new_tokens=64, temperature=0.0, top_p=0.9, seed=1337,
+                                       device="cpu"), sys.argv[1:])
     ckpt = args["ckpt"] or (checkpoints(args["out_dir"]) or [None])[-1]
     if ckpt is None:
         sys.exit(f"no checkpoint in {args['out_dir']}: train one first (python train.py)")
     model, config = load(ckpt, args["device"])
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    train = config.get("train", {})  # a Hugging Face LLaVA folder has no run config: its own chat template
-    template = chat_template(train["version"]) if "version" in train else "auto" if tokenizer.chat_template else "vicuna_v1"
+    train = config.get("train", {})
+    # a Hugging Face LLaVA folder has no run config: its own chat template
+    own = "auto" if tokenizer.chat_template else "vicuna_v1"
+    template = chat_template(train["version"]) if "version" in train else own
     region, prompt = None, args["prompt"]
-    if args["box"] or args["point"]:
+    if args["box"] or args["point"]:  # Ferret: a region to ask about
         if not args["image"]:
             sys.exit("a region needs --image")
         v = [float(x) for x in str(args["box"] or args["point"]).strip("()[] ").split(",")]
@@ -115,8 +119,9 @@ if __name__ == "__main__":
         w, h = open_image(args["image"]).size
         region = {"boxes": [v if args["box"] else v * 2], "frame": [w, h], "form": "box" if args["box"] else "point"}
         prompt = prompt if "<bbox_location0>" in prompt else prompt + " <bbox_location0>"
-    answer = ask(model, tokenizer, template, image_args(model, train), [args["image"] or None], [prompt], args["max_new_tokens"],
-                 args["temperature"], args["top_p"], torch.Generator(args["device"]).manual_seed(args["seed"]), [region],
+    generator = torch.Generator(args["device"]).manual_seed(args["seed"])
+    answer = ask(model, tokenizer, template, image_args(model, train), [args["image"] or None], [prompt],
+                 args["max_new_tokens"], args["temperature"], args["top_p"], generator, [region],
                  train.get("no_coor", False))[0]
     print(answer)
     if args["out_png"]:

@@ -5,46 +5,45 @@ Train a vision-language model: image -> vision tower -> projector -> LLM.
     python train.py config/finetune.py --batch_size=8 # a config file, then --key=value overrides
     torchrun --standalone --nproc_per_node=8 train.py config/finetune.py
 
-The defaults below are the tiny shapes run (config/train_shapes.py restates them). Which parts train
-is config, not code: stage 1 of LLaVA trains the projector only (tune_mm_mlp_adapter=True), stage 2
-the projector and the LLM; the vision tower trains when unfreeze_mm_vision_tower=True. Under torchrun the
-model is replicated (parallel='ddp') or sharded (parallel='fsdp': FSDP2, for models that do not fit one
-device with their gradients and optimizer state).
+LLaVA's train.py with the Hugging Face Trainer and DeepSpeed written out. The defaults below, with
+model.VLMConfig's, are the tiny shapes run (config/train_shapes.py restates them). Which parts train is
+config: LLaVA's stage 1 trains the projector only (tune_mm_mlp_adapter=True), stage 2 the projector and the
+LLM; the tower trains with unfreeze_mm_vision_tower=True. Under torchrun the model is replicated
+(parallel='ddp') or sharded (parallel='fsdp': FSDP2, for models that do not fit one device with their
+gradients and optimizer state).
 """
-import json
 import math
 import os
-import resource
-import shutil
-import subprocess
 import sys
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoTokenizer
 
 import configurator
+from checkpoint import find_checkpoint, load, load_projector, load_train_state, save_checkpoint, write_lora_base
 from conversation import IGNORE_INDEX, IMAGE_TOKEN, REGION_TOKEN, add_tokens, chat_template
-from data import ShardDataset, collate, epoch_batches, global_batches, per_source, preprocess, rank_batches, read_manifest
+from data import (ShardDataset, collate, epoch_batches, global_batches, make_if_missing, per_source, preprocess,
+                  rank_batches, read_manifest)
 from lora import apply_lora, base_checksum, find_targets, has_lora, is_lora
-from model import VLM, blocks, checkpoint_blocks, checkpoints, load, load_projector, save, train_flops
+from model import TOKENIZER_FIELDS, VLM, VLMConfig
+from train_utils import (blocks, checkpoint_blocks, exit_distributed, gpu_peak_flops, interval_stats, log_line,
+                         train_flops)
 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "out-shapes"
-init_from = "scratch"  # 'scratch', 'resume' (newest checkpoint in out_dir), a glimpse checkpoint / out_dir, or a
-# Hugging Face LLaVA folder (export.py's, or e.g. llava-hf/llava-1.5-7b-hf downloaded): weights and tokenizer from it
+# 'scratch', 'resume' (newest checkpoint in out_dir), a glimpse checkpoint / out_dir, or a Hugging Face LLaVA
+# folder (export.py's, or e.g. llava-hf/llava-1.5-7b-hf downloaded): weights and tokenizer from it
+init_from = "scratch"
 eval_interval = 700  # optimizer steps between val losses and checkpoints
 log_interval = 50
 eval_iters = 10  # val batches per val loss
@@ -54,46 +53,32 @@ eval_image_folder = "data/shapes"
 wandb_log = False
 wandb_project = "glimpse"
 wandb_run_name = "shapes"
-# data (several files: comma-separated, with one image folder each or one for all)
+# data (several files: comma-separated, with one image folder each or one for all); data_path may also be a
+# folder of shards made by data.py; JSON files are made into shards under out_dir/data/
 data_path = "data/shapes/captions.json,data/shapes/train.json"
 image_folder = "data/shapes"
 val_data_path = "data/shapes/val.json"
 val_image_folder = "data/shapes"
 version = "plain,vicuna_v1"  # chat template (conversation.py): one for all data files or one per file
-curriculum = True  # the data files one after another (each shuffled), instead of mixed: captions first (each epoch)
-data_multiple = "1"  # per data file, comma-separated (or one for all): times each record is seen per epoch (Ferret's; 0.5 = half)
+curriculum = True  # the data files one after another (each shuffled), not mixed: captions first (each epoch)
+data_multiple = "1"  # per data file (or one for all): times each record is seen per epoch (Ferret's; 0.5 = half)
 group_by_modality_length = False  # LLaVA's: batches of image or text-only records, each sorted by length
 strict = False  # a bad record is an error instead of a counted skip (data.py lists skips in skipped.jsonl)
-image_aspect_ratio = "pad"  # 'pad' (LLaVA), 'square_nocrop' (Ferret), 'crop'
+image_aspect_ratio = "pad"  # 'pad' (LLaVA's expand2square), 'square_nocrop' (Ferret), 'crop'
 model_max_length = 2048  # tokens, image tokens included
 num_workers = 0  # DataLoader workers that read images
-# data_path may also be a folder of shards made by data.py; JSON files are made into shards under out_dir/data/
-# model: a path / hub id, or a config dict for a random init
-model_name_or_path = dict(model_type="llama", hidden_size=128, intermediate_size=512, num_hidden_layers=3,
-                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
 tokenizer_name_or_path = "data/shapes/tokenizer"  # None: the tokenizer of model_name_or_path
-# a small ConvNeXt with a stride-2 stem: from scratch, a patchify stem (a ViT's, or ConvNeXt's usual
-# 4x4) did not learn shapes in the time a CPU has (BENCHMARKS.md); its 6x6 map gives 36 image tokens
-vision_tower = dict(model_type="convnext", image_size=48, patch_size=2, num_stages=3, hidden_sizes=[32, 64, 128],
-                    depths=[1, 1, 1], layer_scale_init_value=1.0)
-mm_vision_select_layer = -1  # hidden state fed to the projector (LLaVA: -2)
-mm_vision_select_feature = "patch"  # 'patch' or 'cls_patch'
-mm_patch_merge = 1  # k: each k x k block of patches becomes one image token (k^2 fewer tokens)
-mm_projector_type = "mlp2x_gelu"
-pretrain_mm_mlp_adapter = ""  # start the projector from stage 1's: its checkpoint folder, a .safetensors, or LLaVA's mm_projector.bin
+# model: every field of model.VLMConfig (model_name_or_path, vision_tower, mm_projector_type, ...) is a config
+# key too, with its default written there: the tiny shapes model
+pretrain_mm_mlp_adapter = ""  # the projector from stage 1: its checkpoint, a .safetensors, or LLaVA's mm_projector.bin
 # what trains
 tune_mm_mlp_adapter = False  # True: the projector only (LLaVA stage 1)
 freeze_backbone = False  # True: the LLM stays frozen
 unfreeze_mm_vision_tower = True  # the vision tower trains too (a random tower must)
-# Ferret: regions of the image in (GRIT records' <bbox_location{i}> placeholders, data.py), boxes out as text
-add_region_feature = False  # a <region_fea> token after each region's coordinates, filled by the region sampler
-region_geo_sampler = True  # Ferret's spatial-aware sampler; False: the mean of the features in the region
-sampler_pooler_mode = "mean"  # 'mean' or 'max' over each point's neighbors
-sampler_num_init_point = 512  # points drawn inside a region
-sampler_num_sub_point = (128, 32)  # points each stage keeps (farthest point sampling)
-sampler_num_neighbor = (24, 24)  # neighbors each stage's points pool
-point_input_sample = "segment_mask|center"  # a point region: 'center' or 'gaussian' (in the box), 'segment_mask|uniform' or
-# 'segment_mask|center' (in the object's segmentation, where the record has one)
+# Ferret: regions of the image in (GRIT records' <bbox_location{i}> placeholders, ferret.py), boxes out as text;
+# add_region_feature and the region sampler's settings are VLMConfig's
+point_input_sample = "segment_mask|center"  # a point region: 'center' or 'gaussian' (in the box),
+# 'segment_mask|uniform' or 'segment_mask|center' (in the object's segmentation, where the record has one)
 no_coor = False  # a region is its token alone, no coordinates in the text: the features must carry where it is
 # LoRA (lora.py; LLaVA's names and defaults): the LLM trains through low-rank adapters on its Linears while
 # its base weights stay frozen; the projector still trains fully. A checkpoint then holds only what trains.
@@ -122,8 +107,8 @@ beta2 = 0.98
 grad_clip = 1.0  # 0 disables
 # parallelism and memory (under torchrun)
 parallel = "ddp"  # 'ddp': a replica per process; 'fsdp': FSDP2, parameters, gradients and AdamW state sharded
-fsdp_reshard_after_forward = True  # True frees gathered weights after forward (ZeRO-3), False keeps them for backward (ZeRO-2)
-activation_checkpointing = False  # recompute each block of the LLM (and of a training tower) in backward: less memory, ~1/3 more compute
+fsdp_reshard_after_forward = True  # True frees gathered weights after forward (ZeRO-3), False keeps them (ZeRO-2)
+activation_checkpointing = False  # recompute each block of the LLM (and a training tower) in backward: less memory
 peak_flops = 0.0  # the device's peak FLOP/s at dtype, for the MFU in the log; 0: known GPUs are looked up
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -131,8 +116,10 @@ dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "
 compile = False
 seed = 1337
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, dict, list, tuple, type(None)))]
-config = configurator.configure({k: globals()[k] for k in config_keys}, sys.argv[1:])
+config_keys = [k for k, v in globals().items()
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, dict, list, tuple, type(None)))]
+model_defaults = {k: v for k, v in asdict(VLMConfig()).items() if k not in TOKENIZER_FIELDS}
+config = configurator.configure({**model_defaults, **{k: globals()[k] for k in config_keys}}, sys.argv[1:])
 globals().update(config)
 # -----------------------------------------------------------------------------
 
@@ -168,52 +155,32 @@ else:
 global_batch = micro_batch * accum * world
 
 
-def log(*a):
+def log(*a):  # LLaVA's rank0_print
     if master:
         print(*a, flush=True)
 
 
-def make_data_if_missing(path):
-    """A missing file under data/<name>/ is made by data/<name>/prepare.py (rank 0 only)."""
-    parts = os.path.normpath(path).split(os.sep)
-    script = os.path.join(*parts[:2], "prepare.py") if len(parts) > 2 and parts[0] == "data" else None
-    if master and not os.path.exists(path) and script and os.path.exists(script):
-        log(f"{path} is missing: running {script}")
-        subprocess.run([sys.executable, script], check=True)
-    if ddp:
-        dist.barrier()
-
-
-for p in (data_path, val_data_path, eval_data_path):
-    for f in filter(None, p.split(",")):
-        make_data_if_missing(f)
+if master:  # the built-in datasets make themselves on a first run
+    for f in filter(None, ",".join((data_path, val_data_path, eval_data_path)).split(",")):
+        make_if_missing(f)
+if ddp:
+    dist.barrier()
 
 # model and tokenizer ----------------------------------------------------------
 state = {"iter": 0, "epoch": 0, "epoch_step": 0}
-ckpt = None
-if init_from == "resume":
-    if not checkpoints(out_dir):
-        raise FileNotFoundError(f"init_from='resume' but {out_dir} holds no checkpoint")
-    ckpt = checkpoints(out_dir)[-1]
-elif init_from != "scratch":  # a checkpoint folder, or an out_dir: its newest checkpoint
-    ckpt = (checkpoints(init_from) or [init_from])[-1]
+ckpt = find_checkpoint(init_from, out_dir)
 if ckpt:
     log(f"loading {ckpt}")
     model, _ = load(ckpt)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
 else:
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or model_name_or_path)
-    add_tokens(tokenizer, add_region_feature)
-    model = VLM(dict(vision_tower=vision_tower, model_name_or_path=model_name_or_path,
-                     mm_vision_select_layer=mm_vision_select_layer, mm_vision_select_feature=mm_vision_select_feature,
-                     mm_patch_merge=mm_patch_merge, mm_projector_type=mm_projector_type, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                     vocab_size=len(tokenizer), add_region_feature=add_region_feature,
-                     region_token_id=tokenizer.convert_tokens_to_ids(REGION_TOKEN) if add_region_feature else None,
-                     region_geo_sampler=region_geo_sampler, sampler_pooler_mode=sampler_pooler_mode,
-                     sampler_num_init_point=sampler_num_init_point, sampler_num_sub_point=sampler_num_sub_point,
-                     sampler_num_neighbor=sampler_num_neighbor))
-if add_region_feature != (model.region_sampler is not None):
-    raise ValueError(f"add_region_feature={add_region_feature}, but the model from {ckpt} has " +
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or config["model_name_or_path"])
+    add_tokens(tokenizer, config["add_region_feature"])  # <image>, and Ferret's <region_fea>
+    region_id = tokenizer.convert_tokens_to_ids(REGION_TOKEN) if config["add_region_feature"] else None  # Ferret
+    model = VLM(VLMConfig(**{k: config[k] for k in model_defaults}, vocab_size=len(tokenizer),
+                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), region_token_id=region_id))
+if config["add_region_feature"] != (model.region_sampler is not None):  # Ferret
+    raise ValueError(f"add_region_feature={config['add_region_feature']}, but the model from {ckpt} has " +
                      ("a region sampler" if model.region_sampler is not None else "none: a Ferret model starts from "
                       "model_name_or_path (and pretrain_mm_mlp_adapter), as Ferret's recipe does"))
 if tokenizer.pad_token_id is None:
@@ -222,17 +189,7 @@ if lora_enable and (tune_mm_mlp_adapter or freeze_backbone):
     raise ValueError("lora_enable=True trains the LLM through adapters: it cannot also be frozen "
                      "(tune_mm_mlp_adapter or freeze_backbone)")
 if lora_enable and not has_lora(model):
-    # LoRA checkpoints hold only what trains and name the folder of the frozen rest: the checkpoint we
-    # started from, or (a new model, or a checkpoint that keep_last would delete) out_dir/base, written once
-    start = os.path.abspath(ckpt) if ckpt else None
-    model.lora_base = os.path.abspath(os.path.join(out_dir, "base"))
-    if start and os.path.dirname(start) != os.path.abspath(out_dir):
-        model.lora_base = start
-    elif master:  # written under a temporary name, as checkpoints are
-        shutil.rmtree(model.lora_base + ".tmp", ignore_errors=True)
-        save(model, model.lora_base + ".tmp", {"train": config})
-        shutil.rmtree(model.lora_base, ignore_errors=True)
-        os.replace(model.lora_base + ".tmp", model.lora_base)
+    model.lora_base = write_lora_base(model, ckpt, out_dir, {"train": config}, master)
     names = apply_lora(model, find_targets(model, lora_target, lora_vision_tower), lora_r, lora_alpha, lora_dropout,
                        lora_rslora, getattr(torch, lora_base_dtype))
     log(f"LoRA r={lora_r} alpha={lora_alpha} on {len(names)} Linears; base: {model.lora_base}")
@@ -247,7 +204,7 @@ if pretrain_mm_mlp_adapter and init_from != "resume":  # a resumed run has its o
 # lora_vision_tower the tower) trains through its adapters only
 model.requires_grad_(False)
 parts = [(model.mm_projector, mm_projector_lr or learning_rate)]
-if model.region_sampler is not None:  # with the projector, at its lr: the other new part between tower and LLM
+if model.region_sampler is not None:  # Ferret: the other new part between tower and LLM, at the projector's lr
     parts.append((model.region_sampler, mm_projector_lr or learning_rate))
 if not tune_mm_mlp_adapter:
     if not freeze_backbone:
@@ -260,24 +217,19 @@ for module, lr in parts:
         for name, p in module.named_parameters():
             p.requires_grad_(is_lora(name))
     if module is model.vision_tower:
-        model.vision_tower.freeze_unused()  # e.g. layers after mm_vision_select_layer: DDP and FSDP want
-        # every trainable parameter to get a gradient
+        # e.g. layers after mm_vision_select_layer: DDP and FSDP want every trainable parameter to get a gradient
+        model.vision_tower.freeze_unused()
 trained_names = {n for n, p in model.named_parameters() if p.requires_grad}
 if has_lora(model):  # what tells, when the adapters are loaded, that their base is still the same
     model.lora_checksum = base_checksum(model, trained_names)
 if not model.vision_tower.trainable and ptdtype != torch.float32:
     model.vision_tower.to(ptdtype)  # a frozen tower never updates: an fp32 copy would only take memory
-n_params, n_train = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)
-log(f"parameters: {n_params / 1e6:.2f}M, trainable {n_train / 1e6:.2f}M; {model.num_image_tokens} tokens per image")
-
-
+n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, trainable {n_train / 1e6:.2f}M; "
+    f"{model.num_image_tokens} tokens per image")
 step_flops = train_flops(model)  # the training FLOPs of a micro-batch, for the MFU in the log
-# dense bf16 tensor-core peaks, by a part of the device's name (the first that matches: the more specific first);
-# another device: set peak_flops
-PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12,
-             "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12}
 if not peak_flops and device_type == "cuda" and ptdtype != torch.float32:
-    peak_flops = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name()), 0.0)
+    peak_flops = gpu_peak_flops(torch.cuda.get_device_name())
 
 # memory and parallelism: the blocks are the units of both
 if activation_checkpointing:  # a frozen tower runs without autograd: nothing to keep
@@ -290,7 +242,8 @@ if fsdp:
     # gradients reduce-scattered as soon as backward leaves it; the root holds the rest (embeddings,
     # projector, head). Frozen weights are sharded too and get no gradient memory.
     mesh = dist.device_mesh.init_device_mesh(device_type, (world,))
-    mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32) if ptdtype != torch.float32 else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32) if ptdtype != torch.float32 \
+        else MixedPrecisionPolicy()
     units = blocks(model.vision_tower.encoder) + blocks(model.llm)
     for block in units:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=fsdp_reshard_after_forward)
@@ -314,40 +267,27 @@ for module, lr in parts:
                {"params": [p for p, d in zip(params, decays) if not d], "weight_decay": 0.0, "base_lr": lr}]
 optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=(beta1, beta2),
                               fused=device_type == "cuda")
-if init_from == "resume":  # the optimizer state, resharded to this run's processes; data position and RNG
-    settings = [{k: g[k] for k in ("base_lr", "weight_decay", "betas")} for g in optimizer.param_groups]
-    optim_state = get_optimizer_state_dict(model, optimizer)  # the layout to fill (it makes AdamW's state exist)
-    dcp.load({"optimizer": optim_state}, checkpoint_id=os.path.join(ckpt, "optimizer"), no_dist=not ddp)
-    set_optimizer_state_dict(model, optimizer, optim_state)
-    for g, mine in zip(optimizer.param_groups, settings):  # the moments come back; the settings are this run's
-        g.update(mine)
-    with open(os.path.join(ckpt, "state.json")) as f:
-        state = json.load(f)
-    rng = state.pop("rng")  # each process's, of the run that saved: exact on as many processes, else rank % saved
-    rng = rng[rank % len(rng)]
-    torch.set_rng_state(torch.tensor(rng["cpu"], dtype=torch.uint8))
-    if device_type == "cuda" and rng.get("cuda"):
-        torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8))
+if init_from == "resume":  # the optimizer state, the data position and the RNG of the checkpoint
+    state = load_train_state(ckpt, model, optimizer)
 
 # data --------------------------------------------------------------------------
 tower = raw_model.vision_tower
 image_args = dict(image_size=tower.image_size, image_mean=tower.image_mean, image_std=tower.image_std,
                   image_aspect_ratio=image_aspect_ratio)
-regions = dict(add_region_feature=add_region_feature, no_coor=no_coor, point_input_sample=point_input_sample)
+regions = dict(add_region_feature=config["add_region_feature"], no_coor=no_coor, point_input_sample=point_input_sample)
+shard_args = dict(tokenizer=tokenizer, num_image_tokens=raw_model.num_image_tokens, model_max_length=model_max_length,
+                  regions=regions)
 
 
 def shards(data, folders, templates, name):
     """A folder of shards made by data.py (checked against this run's tokenizer and settings), or JSON
     files made into shards under out_dir/data/<name> by rank 0 and reused while they are unchanged."""
     path = data if os.path.isdir(data) and read_manifest(data) else os.path.join(out_dir, "data", name)
-    if path != data:
-        if master:
-            preprocess(data, folders, path, tokenizer, templates, raw_model.num_image_tokens, model_max_length, strict,
-                       regions=regions)
-        if ddp:
-            dist.barrier()
-    return ShardDataset(path, tokenizer=tokenizer, version=templates, num_image_tokens=raw_model.num_image_tokens,
-                        model_max_length=model_max_length, regions=regions, **image_args)
+    if path != data and master:
+        preprocess(data, folders, path, version=templates, strict=strict, **shard_args)
+    if ddp:
+        dist.barrier()
+    return ShardDataset(path, version=templates, **shard_args, **image_args)
 
 
 train_data = shards(data_path, image_folder, version, "train")
@@ -355,8 +295,6 @@ val_data = shards(val_data_path, val_image_folder, chat_template(version), "val"
 for name, d in (("train", train_data), ("val", val_data)):
     if d is not None and d.skipped:
         log(f"{name}: skipped {d.skipped} bad records, listed with their reasons in {d.path}/skipped.jsonl")
-
-
 multiples = per_source(data_multiple, train_data.n_sources, "data_multiple values")
 
 
@@ -381,8 +319,8 @@ def loader(dataset, batches):
     # its own generator: a DataLoader would otherwise draw its workers' seed from the global RNG, at a point
     # where a resumed run is not, and dropout would differ after a resume
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                                       collate_fn=lambda s: collate(s, tokenizer.pad_token_id), pin_memory=device_type == "cuda",
-                                       generator=torch.Generator().manual_seed(seed))
+                                       collate_fn=lambda s: collate(s, tokenizer.pad_token_id),
+                                       pin_memory=device_type == "cuda", generator=torch.Generator().manual_seed(seed))
 
 
 def train_batches():
@@ -431,45 +369,6 @@ def estimate_val_loss():
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
 
-def save_checkpoint():
-    """out_dir/ckpt-<step>/: the weights as one safetensors file (gathered from the shards under FSDP), the
-    optimizer state as torch.distributed.checkpoint shards (each process writes its own; a resume on
-    another number of processes reshards them), the step, data position and every process's RNG. Written
-    under a .tmp name and renamed when complete, so a crash never leaves a half-written checkpoint; then
-    all but the keep_last newest are removed. Every process takes part."""
-    path = os.path.join(out_dir, f"ckpt-{state['iter']:07d}")
-    tmp = path + ".tmp"
-    if master:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if ddp:
-        dist.barrier()
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=os.path.join(tmp, "optimizer"), no_dist=not ddp)
-    # on rank 0, on the CPU: the whole model, or with LoRA what trains (its base is already on disk)
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                  ignore_frozen_params=has_lora(raw_model)))
-    rng = {"cpu": torch.get_rng_state().tolist(), "cuda": torch.cuda.get_rng_state().tolist() if device_type == "cuda" else None}
-    rngs = [None] * world
-    if ddp:
-        dist.all_gather_object(rngs, rng)
-    else:
-        rngs = [rng]
-    if master:
-        save(raw_model, tmp, {"train": config}, weights)
-        if not has_lora(raw_model) and (tune_mm_mlp_adapter or freeze_backbone):  # what trained, alone: stage 1's
-            save_file({k: v.contiguous() for k, v in weights.items() if k in trained_names},  # projector artefact
-                      os.path.join(tmp, "trainable.safetensors"))
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({**state, "rng": rngs}, f)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-        for old in checkpoints(out_dir)[:-keep_last]:
-            shutil.rmtree(old)
-    if ddp:
-        dist.barrier()
-    return path
-
-
 # training loop -----------------------------------------------------------------
 if master:
     os.makedirs(out_dir, exist_ok=True)
@@ -516,57 +415,36 @@ while state["iter"] < max_iters:
     state["iter"] += 1
     state["epoch_step"] += 1
     if state["iter"] % log_interval == 0 or state["iter"] == max_iters:
-        # over all processes: the global batch's loss (the mean of theirs), the sums of their counts, the
-        # largest peak memory (CUDA: allocated since the last line; CPU: the process's resident peak)
-        memory = torch.cuda.max_memory_allocated() if device_type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        sums, memory = torch.tensor([loss_sum.item(), *counts], device=device), torch.tensor(float(memory), device=device)
-        if ddp:
-            dist.all_reduce(sums)
-            dist.all_reduce(memory, op=dist.ReduceOp.MAX)
-        dt = time.time() - t_log
-        loss_value, tokens_per_s, trained_per_s, flops_per_s = sums[0].item() / world, *(sums[1:] / dt).tolist()
-        stats = {"train/loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.item(),
-                 "tokens_per_s": tokens_per_s, "trained_tokens_per_s": trained_per_s, "tflops_per_process": flops_per_s / world / 1e12,
-                 "peak_memory_gib": memory.item() / 2**30, **({"mfu": flops_per_s / (world * peak_flops)} if peak_flops else {})}
+        stats = interval_stats(loss_sum, counts, time.time() - t_log, optimizer.param_groups[0]["lr"], grad_norm,
+                               peak_flops, device)
         elapsed = time.time() - t_start
-        eta = (max_iters - state["iter"]) * elapsed / (state["iter"] - start_iter)
-        log(f"step {state['iter']}/{max_iters} | loss {loss_value:.4f} | lr {stats['lr']:.2e} | grad {stats['grad_norm']:.2f} | "
-            f"{tokens_per_s:.0f} tok/s ({trained_per_s:.0f} trained) | {stats['tflops_per_process']:.3g} TFLOP/s per process"
-            + (f", MFU {100 * stats['mfu']:.1f}%" if peak_flops else "") + f" | peak mem {stats['peak_memory_gib']:.2f} GiB | "
-            f"{elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
+        log(log_line(state["iter"], max_iters, stats, elapsed, elapsed / (state["iter"] - start_iter)))
         if wandb_log and master:
             wandb.log(stats, step=state["iter"])
-        if device_type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         t_log, counts = time.time(), np.zeros(3)
     if state["iter"] % eval_interval == 0 or state["iter"] == max_iters:
         t_eval = time.time()
         if val_data is not None:
             val, shuffled = estimate_val_loss()
-            log(f"step {state['iter']}: val loss {val:.4f}, with shuffled images {shuffled:.4f} (gap {shuffled - val:+.4f})")
+            log(f"step {state['iter']}: val loss {val:.4f}, with shuffled images {shuffled:.4f} "
+                f"(gap {shuffled - val:+.4f})")
             if wandb_log and master:
                 wandb.log({"val/loss": val, "val/loss_shuffled_images": shuffled}, step=state["iter"])
-        ckpt_path = save_checkpoint()
+        # stage 1 (the LLM frozen) also writes what trained alone: LLaVA's mm_projector.bin
+        stage1 = trained_names if tune_mm_mlp_adapter or freeze_backbone else None
+        ckpt_path = save_checkpoint(out_dir, state, model, raw_model, optimizer, tokenizer, {"train": config},
+                                    keep_last, stage1)
         t_log += time.time() - t_eval  # evaluation and saving are not training time
 
 log(f"trained {max_iters - start_iter} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint: {ckpt_path}")
 if master and eval_data_path and ckpt_path:
-    from eval import evaluate, print_table
+    from eval import evaluate, report
     # generation on rank 0 alone: under FSDP from the checkpoint's gathered weights, not from the shards
     eval_model = load(ckpt_path, device)[0] if fsdp else raw_model
-    results = evaluate(eval_model, tokenizer, eval_data_path, eval_image_folder, chat_template(version), image_aspect_ratio,
-                       no_coor=no_coor)
-    print_table(results)
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    log(f"wrote {os.path.join(out_dir, 'eval.json')}")
+    results = evaluate(eval_model, tokenizer, eval_data_path, eval_image_folder, chat_template(version),
+                       image_aspect_ratio, no_coor=no_coor)
+    report(results, os.path.join(out_dir, "eval.json"))
 if wandb_log and master:
     wandb.finish()
 if ddp:
-    dist.barrier()  # no rank leaves while rank 0 still writes
-    dist.destroy_process_group()
-    # gloo's threads can still hold the last collectives' tensors, and letting go of them while Python shuts
-    # down aborts a process now and then (pytorch issue 190489); everything is written: leave without that
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_distributed()

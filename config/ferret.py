@@ -19,7 +19,8 @@ point_input_sample = "segment_mask|center"
 image_aspect_ratio = "square_nocrop"
 data_path = ",".join(f"playground/GRIT/{name}.json" for name in [
     "git_instruction", "vg_objects", "vg_relations", "vg_regions", "grounded_llava_boxes_detail",
-    "grounded_llava_boxes_complex_reasoning", "grounded_llava_boxes_conversation", "refexp_all", "flickr", "objects365"])
+    "grounded_llava_boxes_complex_reasoning", "grounded_llava_boxes_conversation", "refexp_all", "flickr",
+    "objects365"])
 image_folder = ",".join(f"playground/images/{folder}" for folder in [
     "coco/train2014", "vg", "vg", "vg", "coco/train2014", "coco/train2014", "coco/train2014", "coco/train2014",
     "flickr30k", "objects365"])

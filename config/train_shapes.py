@@ -1,4 +1,4 @@
-# The tiny default, restated (these are train.py's defaults; tests/test_configurator.py keeps them equal):
+# The tiny default, restated (train.py's and model.VLMConfig's defaults; tests/test_configurator.py keeps them equal):
 # a VLM from scratch on the built-in shapes data, about ten minutes on a 2-core CPU.
 # python train.py config/train_shapes.py
 out_dir = "out-shapes"
@@ -10,7 +10,8 @@ curriculum = True
 image_folder = "data/shapes"
 tokenizer_name_or_path = "data/shapes/tokenizer"
 model_name_or_path = dict(model_type="llama", hidden_size=128, intermediate_size=512, num_hidden_layers=3,
-                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                          tie_word_embeddings=True)
 vision_tower = dict(model_type="convnext", image_size=48, patch_size=2, num_stages=3, hidden_sizes=[32, 64, 128],
                     depths=[1, 1, 1], layer_scale_init_value=1.0)
 mm_vision_select_layer = -1

@@ -46,8 +46,8 @@ def shapes(tmp_path_factory):
 
 # A Llama-3-style chat template (written here, in Jinja as Hugging Face stores them) for the real tokenizers
 # that ship without one, so that the 'auto' template is tested on every tokenizer.
-LLAMA_3_JINJA = ("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim"
-                 " + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+LLAMA_3_JINJA = ("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+                 " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
                  "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
 
 
@@ -81,9 +81,9 @@ def train_args(shapes, out_dir, **overrides):
     """train.py's command-line arguments for the tiny model on the shapes fixture, then overrides."""
     args = dict(vision_tower=TINY_TOWER, model_name_or_path=TINY_LLM, tokenizer_name_or_path=shapes / "tokenizer",
                 data_path=shapes / "train.json", image_folder=shapes, val_data_path=shapes / "val.json",
-                version="vicuna_v1", val_image_folder=shapes, eval_data_path=shapes / "val_questions.json", eval_image_folder=shapes,
-                out_dir=out_dir, batch_size=8, max_iters=6, eval_interval=1000, eval_iters=2, log_interval=1,
-                warmup_iters=1)
+                version="vicuna_v1", val_image_folder=shapes, eval_data_path=shapes / "val_questions.json",
+                eval_image_folder=shapes, out_dir=out_dir, batch_size=8, max_iters=6, eval_interval=1000, eval_iters=2,
+                log_interval=1, warmup_iters=1)
     args.update(overrides)
     return [f"--{k}={v}" for k, v in args.items()]
 

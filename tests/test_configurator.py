@@ -1,7 +1,7 @@
 """configurator.py: config files, then --key=value overrides, checked against the defaults' types."""
 import pytest
-
 from conftest import REPO
+
 from configurator import configure
 
 
@@ -116,11 +116,16 @@ def test_path_and_config_dict_stand_in_for_each_other():
 
 
 def train_defaults():
-    """train.py's globals above `config_keys`, as it defines them (the block reads torch.cuda)."""
+    """train.py's settings: its globals above `config_keys`, as it defines them (the block reads torch.cuda),
+    and model.VLMConfig's fields but those the tokenizer gives."""
+    from dataclasses import asdict
+
+    from model import TOKENIZER_FIELDS, VLMConfig
     src = (REPO / "train.py").read_text()
     defaults = {}
     exec("import torch\n" + src[src.index("# I/O"):src.index("config_keys =")], defaults)
-    return {k: v for k, v in defaults.items() if not k.startswith("__") and k != "torch"}
+    model = {k: v for k, v in asdict(VLMConfig()).items() if k not in TOKENIZER_FIELDS}
+    return {**model, **{k: v for k, v in defaults.items() if not k.startswith("__") and k != "torch"}}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "config").glob("*.py")))

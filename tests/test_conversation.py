@@ -98,9 +98,9 @@ def expanded(text, n):
 def labelled_runs(ids, labels):
     """The contiguous runs of labelled positions, as id lists."""
     runs, cur = [], []
-    for i, l in zip(ids, labels):
-        if l != IGNORE_INDEX:
-            assert l == i
+    for i, lab in zip(ids, labels):
+        if lab != IGNORE_INDEX:
+            assert lab == i
             cur.append(i)
         elif cur:
             runs.append(cur)
@@ -129,7 +129,7 @@ def test_labels_cover_exactly_the_replies_and_eos(shapes, tokenizer):
         runs = labelled_runs(ids, labels)
         assert [tokenizer.decode(run) for run in runs] == [" " + a + "</s>" for a in replies], r["id"]
         # everything else is the prompt, untrained
-        prompt = [i for i, l in zip(ids, labels) if l == IGNORE_INDEX]
+        prompt = [i for i, lab in zip(ids, labels) if lab == IGNORE_INDEX]
         assert len(prompt) + sum(map(len, runs)) == len(ids)
         assert tokenizer.eos_token_id not in prompt
 
@@ -157,7 +157,7 @@ def test_system_override_tokenizes_the_same_as_the_text(tokenizer):
     messages = conv("<image>\nIs there a red circle?", "yes", system="Answer in one word.")
     ids, labels = tokenize("vicuna_v1", messages, tokenizer, 2)
     assert ids == tokenizer(expanded(render("vicuna_v1", messages), 2))["input_ids"]
-    assert tokenizer.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX]) == " yes</s>"
+    assert tokenizer.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]) == " yes</s>"
 
 
 # --- the published templates, byte for byte ------------------------------------------------------------
@@ -186,9 +186,11 @@ PUBLISHED = {
                  LLAVA_SYSTEM + f" USER: {Q} ASSISTANT:"),
     "ferret_v1": (FERRET_SYSTEM + f" USER: {Q} ASSISTANT: A cat.</s>USER: Color? ASSISTANT: Black.</s>",
                   FERRET_SYSTEM + f" USER: {Q} ASSISTANT:"),
-    "llama_2": (f"[INST] <<SYS>>\n{LLAMA_2_SYSTEM}\n<</SYS>>\n\n{Q} [/INST] A cat. </s><s>[INST] Color? [/INST] Black. </s>",
+    "llama_2": (f"[INST] <<SYS>>\n{LLAMA_2_SYSTEM}\n<</SYS>>\n\n{Q} [/INST] A cat. </s>"
+                "<s>[INST] Color? [/INST] Black. </s>",
                 f"[INST] <<SYS>>\n{LLAMA_2_SYSTEM}\n<</SYS>>\n\n{Q} [/INST]"),
-    "llava_llama_2": (f"[INST] <<SYS>>\n{LLAVA_LLAMA_2_SYSTEM}\n<</SYS>>\n\n{Q} [/INST] A cat. </s><s>[INST] Color? [/INST] Black. </s>",
+    "llava_llama_2": (f"[INST] <<SYS>>\n{LLAVA_LLAMA_2_SYSTEM}\n<</SYS>>\n\n{Q} [/INST] A cat. </s>"
+                      "<s>[INST] Color? [/INST] Black. </s>",
                       f"[INST] <<SYS>>\n{LLAVA_LLAMA_2_SYSTEM}\n<</SYS>>\n\n{Q} [/INST]"),
     "mistral_instruct": (f"[INST] {Q} [/INST] A cat. </s>[INST] Color? [/INST] Black. </s>", f"[INST] {Q} [/INST]"),
     "mpt": (MPT_SYSTEM + f"<|im_end|><|im_start|>user\n{Q}<|im_end|><|im_start|>assistant\nA cat.<|im_end|>"
@@ -197,8 +199,10 @@ PUBLISHED = {
     "chatml_direct": (f"<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n{Q}<|im_end|>"
                       "<|im_start|>assistant\nA cat.<|im_end|><|im_start|>user\nColor?<|im_end|><|im_start|>assistant\n"
                       "Black.<|im_end|>",
-                      f"<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n{Q}<|im_end|><|im_start|>assistant\n"),
-    "llama_3": (f"<|start_header_id|>user<|end_header_id|>\n\n{Q}<|eot_id|><|start_header_id|>assistant<|end_header_id|>"
+                      f"<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n{Q}<|im_end|>"
+                      "<|im_start|>assistant\n"),
+    "llama_3": (f"<|start_header_id|>user<|end_header_id|>\n\n{Q}<|eot_id|>"
+                "<|start_header_id|>assistant<|end_header_id|>"
                 "\n\nA cat.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nColor?<|eot_id|>"
                 "<|start_header_id|>assistant<|end_header_id|>\n\nBlack.<|eot_id|>",
                 f"<|start_header_id|>user<|end_header_id|>\n\n{Q}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
@@ -223,9 +227,11 @@ def test_templates_render_the_published_text(template):
     assert render(template, conv("What is this? <image>")) == prompt
     assert stop_string(template) == STOP[template]
     # the trained text is each reply with its end-of-turn marker (and, in LLaVA's templates, their spaces)
-    trained = [t for t, trained in segments(template, conv("What is this? <image>", "A cat.", "Color?", "Black.")) if trained]
-    assert [t.strip() for t in trained] == [f"{a}{' ' if template.endswith('llama_2') or template == 'mistral_instruct' else ''}"
-                                           f"{STOP[template]}" for a in ("A cat.", "Black.")]
+    trained = [t for t, trained in segments(template, conv("What is this? <image>", "A cat.", "Color?", "Black."))
+               if trained]
+    assert [t.strip() for t in trained] == [
+        f"{a}{' ' if template.endswith('llama_2') or template == 'mistral_instruct' else ''}{STOP[template]}"
+        for a in ("A cat.", "Black.")]
 
 
 def test_every_template_is_covered():
@@ -237,7 +243,8 @@ def test_gemma_puts_the_system_prompt_in_the_first_user_turn_and_trims():
     assert text == "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
     assert render("llama_3", conv("Hi", "Hello", system="Be brief.")).startswith(
         "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>")
-    assert render("qwen2", conv("Hi", "Hello", system="Be brief.")).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    assert render("qwen2", conv("Hi", "Hello", system="Be brief.")).startswith(
+        "<|im_start|>system\nBe brief.<|im_end|>\n")
 
 
 @pytest.mark.parametrize("messages, error", [
@@ -280,7 +287,7 @@ def check_exact(template, messages, tok, n=3):
     segs = segments(template, messages, tok)
     text = "".join(s for s, _ in segs)
     ids, labels = tokenize(template, messages, tok, n)
-    assert len(ids) == len(labels) and all(l in (i, IGNORE_INDEX) for i, l in zip(ids, labels))
+    assert len(ids) == len(labels) and all(lab in (i, IGNORE_INDEX) for i, lab in zip(ids, labels))
     bos = 0 if template == "auto" else len(bos_ids(tok))
     assert labels[:bos] == [IGNORE_INDEX] * bos
     ids, labels = collapse_images(ids[bos:], labels[bos:], tok.convert_tokens_to_ids("<image>"), n)
@@ -318,7 +325,7 @@ def test_published_conversation_on_real_tokenizers(real_tokenizers, name, templa
     assert whole or len(tok(stop_string(template, tok), add_special_tokens=False)["input_ids"]) > 1
     ids, labels = tokenize(template, messages, tok, 1)
     assert ids[:len(bos_ids(tok))] == bos_ids(tok) or template == "auto"
-    trained = tok.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX], skip_special_tokens=False)
+    trained = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX], skip_special_tokens=False)
     assert "A cat." in trained and "What" not in trained
 
 
@@ -326,7 +333,7 @@ def test_llama_tokenizer_adds_bos_and_sentencepiece_word_marks(real_tokenizers):
     tok = real_tokenizers["llama"]
     ids, labels = tokenize("vicuna_v1", conv("Hi", "Hello there"), tok)
     assert ids[0] == tok.bos_token_id == 1 and labels[0] == IGNORE_INDEX
-    first = labels.index(next(l for l in labels if l != IGNORE_INDEX))
+    first = labels.index(next(lab for lab in labels if lab != IGNORE_INDEX))
     # the reply's first token carries the space before it, as it does when the model generates it
     assert tok.convert_ids_to_tokens(ids[first:first + 3]) == ["▁Hello", "▁there", "</s>"]
 
@@ -370,7 +377,8 @@ def test_auto_with_a_jinja_vicuna_equals_vicuna_v1(real_tokenizers):
     import copy
     tok = copy.deepcopy(real_tokenizers["llama"])
     tok.chat_template = (
-        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}"
+        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set messages = messages[1:] %}"
         "{% else %}{% set system = '" + VICUNA_SYSTEM.replace("'", "\\'") + "' %}{% endif %}{{ system + ' ' }}"
         "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ' }}"
         "{% else %}{{ 'ASSISTANT: ' + m['content'] + '</s>' }}{% endif %}{% endfor %}"
@@ -383,7 +391,8 @@ def test_auto_with_a_jinja_vicuna_equals_vicuna_v1(real_tokenizers):
 
 @pytest.mark.parametrize("jinja, error", [
     # a template that writes the last turn differently from earlier ones (as reasoning templates do)
-    ("{% for m in messages %}{% if loop.last %}[last]{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}",
+    ("{% for m in messages %}{% if loop.last %}[last]{% endif %}"
+     "{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}",
      "differently"),
     ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] | upper + '\\n' }}{% endfor %}", "verbatim"),
 ])

@@ -112,7 +112,8 @@ def test_activation_checkpointing_changes_nothing_under_fsdp(train, tmp_path):
     """The same 2-process FSDP run with and without recomputation, with dropout in the LLM: the recomputed
     blocks draw the same masks, so every logged number is the same, to the digit."""
     from conftest import TINY_LLM
-    common = dict(COMMON, eval_interval=1000, val_data_path="", parallel="fsdp", model_name_or_path={**TINY_LLM, "attention_dropout": 0.2})
+    common = dict(COMMON, eval_interval=1000, val_data_path="", parallel="fsdp",
+                  model_name_or_path={**TINY_LLM, "attention_dropout": 0.2})
     plain = train(tmp_path / "plain", nproc=2, **common)
     recomputed = train(tmp_path / "recomputed", nproc=2, activation_checkpointing=True, **common)
     assert recomputed.steps == plain.steps and len(plain.steps) == STEPS
@@ -130,7 +131,8 @@ def test_text_only_batches_and_a_short_last_batch_like_one(train, shapes, tmp_pa
         r.pop("image")
         r["conversations"][0]["value"] = r["conversations"][0]["value"].replace("<image>", "").strip()
     (tmp_path / "mix.json").write_text(json.dumps(records))
-    common = dict(COMMON, data_path=tmp_path / "mix.json", val_data_path=tmp_path / "mix.json", group_by_modality_length=True)
+    common = dict(COMMON, data_path=tmp_path / "mix.json", val_data_path=tmp_path / "mix.json",
+                  group_by_modality_length=True)
     ref = train(tmp_path / "one", **common)
     two = train(tmp_path / "two", nproc=2, parallel=parallel, fsdp_reshard_after_forward=reshard, **common)
     assert "train: 9 records, 3 steps of 4 per epoch" in ref.stdout and "3 steps of 4 per epoch" in two.stdout

@@ -1,4 +1,4 @@
-"""export.py and model.from_hf_llava: a glimpse checkpoint becomes a folder that transformers'
+"""export.py and hf_llava.from_hf_llava: a glimpse checkpoint becomes a folder that transformers'
 LlavaForConditionalGeneration and AutoProcessor load and that gives the same logits (from the same chat,
 image and weights), and such a folder comes back into glimpse, also as train.py's init_from. What Llava
 cannot represent is refused."""
@@ -13,10 +13,11 @@ from PIL import Image
 from test_model import LLMS, TOWERS, make_model
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from checkpoint import load, save
 from conversation import TEMPLATES, render, tokenize
 from data import load_image
 from export import export, image_processor, jinja_chat_template
-from model import hf_llava_config, load, save
+from hf_llava import hf_llava_config
 
 CHAT = [{"from": "human", "value": "What color is the circle?\n<image>"}, {"from": "gpt", "value": "It is red."},
         {"from": "human", "value": "And the square?"}, {"from": "gpt", "value": "Blue."}]
@@ -63,10 +64,11 @@ CASES = [("clip", "patch", "llama", "mlp2x_gelu"), ("clip", "cls_patch", "qwen2"
 
 
 @pytest.mark.parametrize("tower, feature, llm, projector", CASES)
-def test_export_gives_transformers_llava_with_the_same_logits(tokenizer, image, tmp_path, tower, feature, llm, projector):
-    model = checkpoint(tokenizer, tmp_path / "ckpt", seed=1, vision_tower=TOWERS[tower][0], mm_vision_select_feature=feature,
-                       model_name_or_path={**LLMS[llm], "initializer_range": 0.2}, mm_projector_type=projector,
-                       mm_vision_select_layer=-2)
+def test_export_gives_transformers_llava_with_the_same_logits(tokenizer, image, tmp_path, tower, feature, llm,
+                                                              projector):
+    model = checkpoint(tokenizer, tmp_path / "ckpt", seed=1, vision_tower=TOWERS[tower][0],
+                       mm_vision_select_feature=feature, model_name_or_path={**LLMS[llm], "initializer_range": 0.2},
+                       mm_projector_type=projector, mm_vision_select_layer=-2)
     if (tower, llm) == ("clip", "llama"):  # the command line, once
         run_script([sys.executable, "export.py", f"--ckpt={tmp_path / 'ckpt'}", f"--hf_dir={tmp_path / 'hf'}"])
     else:
@@ -93,7 +95,7 @@ def test_export_gives_transformers_llava_with_the_same_logits(tokenizer, image, 
     # and back: the folder loads as a glimpse model (as train.py's init_from) with the same logits
     back, config = load(tmp_path / "hf")
     assert back.num_image_tokens == model.num_image_tokens
-    assert back.config["mm_vision_select_feature"] == (feature if t.num_prefix else "patch")  # SigLIP: the same
+    assert back.config.mm_vision_select_feature == (feature if t.num_prefix else "patch")  # SigLIP: the same
     assert (back.vision_tower.image_mean, back.vision_tower.image_std) == (t.image_mean, t.image_std)
     assert (glimpse_logits(back.eval(), ids, pixels) - ours).abs().max() <= 1e-4
     tied = lambda m: m.llm.get_input_embeddings().weight is m.llm.get_output_embeddings().weight  # noqa: E731
@@ -122,7 +124,8 @@ def test_export_refuses_what_llava_cannot_represent(tokenizer, tmp_path, overrid
 
 def test_export_command_says_why_it_refuses(tokenizer, tmp_path):
     checkpoint(tokenizer, tmp_path / "ckpt", mm_projector_type="mlp3x_gelu")
-    proc = run_script([sys.executable, "export.py", f"--ckpt={tmp_path / 'ckpt'}", f"--hf_dir={tmp_path / 'hf'}"], check=False)
+    proc = run_script([sys.executable, "export.py", f"--ckpt={tmp_path / 'ckpt'}", f"--hf_dir={tmp_path / 'hf'}"],
+                      check=False)
     assert proc.returncode != 0 and "mm_projector_type='mlp3x_gelu'" in proc.stderr
     assert not (tmp_path / "hf").exists()
 
@@ -174,5 +177,5 @@ def test_train_continues_from_an_exported_folder(shapes, tokenizer, train, tmp_p
             for name, src in (("from-ckpt", "ckpt"), ("from-hf", "hf"))]
     assert f"loading {tmp_path / 'hf'}" in runs[1].stdout
     assert runs[0].steps[1]["loss"] == pytest.approx(runs[1].steps[1]["loss"], abs=1e-4)
-    assert json.loads((tmp_path / "from-hf" / "ckpt-0000001" / "config.json").read_text())["model"]["image_token_id"] == \
-        tokenizer.convert_tokens_to_ids("<image>")
+    assert (json.loads((tmp_path / "from-hf" / "ckpt-0000001" / "config.json").read_text())["model"]["image_token_id"]
+            == tokenizer.convert_tokens_to_ids("<image>"))

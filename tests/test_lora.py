@@ -1,4 +1,4 @@
-"""lora.py, and LoRA through train.py, model.save/load and export.py: step 0 is the base model, merging is
+"""lora.py, and LoRA through train.py, checkpoint.save/load and export.py: step 0 is the base model, merging is
 exact, targets, scaling, bf16 bases; checkpoints hold the adapters and the other trained weights only,
 load onto their base, resume exactly, train the same on 2 gloo processes, and export merged."""
 import json
@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from test_distributed import compare
 
 import lora
-from model import VLM, load
+from checkpoint import load
+from model import VLM, VLMConfig
 
 WIDE_LLM = dict(TINY_LLM, hidden_size=128, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4)
 
@@ -24,7 +25,7 @@ def make_model(tokenizer, seed=0, **overrides):
     config = dict(vision_tower=TINY_TOWER, model_name_or_path=TINY_LLM, mm_vision_select_layer=-1,
                   mm_vision_select_feature="patch", mm_projector_type="mlp2x_gelu",
                   image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vocab_size=len(tokenizer))
-    return VLM({**config, **overrides}).eval()
+    return VLM(VLMConfig(**{**config, **overrides})).eval()
 
 
 def make_batch(model, n=2, T=20, seed=0):
@@ -113,8 +114,10 @@ def test_targets(tokenizer):
     assert all(n.startswith("vision_tower.encoder.") for n in with_tower[14:])
     assert not any(n.startswith("mm_projector") for n in with_tower)
     # patterns match the end of a name from a dot on
-    assert lora.find_targets(model, "q_proj, v_proj") == [f"llm.model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv"]
-    assert lora.find_targets(model, [r"layers\.1\.mlp\..*"]) == [f"llm.model.layers.1.mlp.{p}_proj" for p in ("gate", "up", "down")]
+    assert lora.find_targets(model, "q_proj, v_proj") == [f"llm.model.layers.{i}.self_attn.{p}_proj"
+                                                           for i in (0, 1) for p in "qv"]
+    assert lora.find_targets(model, [r"layers\.1\.mlp\..*"]) == [f"llm.model.layers.1.mlp.{p}_proj"
+                                                                  for p in ("gate", "up", "down")]
     for nothing in ("proj", "lm_head", "mm_projector.*"):  # not a whole part of a name; the head; outside the LLM
         with pytest.raises(ValueError, match="matches no nn.Linear"):
             lora.find_targets(model, nothing)
@@ -131,7 +134,8 @@ def test_bf16_base_halves_the_frozen_weights_and_trains_the_fp32_adapters(tokeni
     lora.apply_lora(half, names, 4, 8, base_dtype=torch.bfloat16)
     base_bytes = lambda m: sum(w.base.weight.nbytes for w in wrappers(m))  # noqa: E731
     assert base_bytes(half) * 2 == base_bytes(full)
-    assert all(w.base.weight.dtype == torch.bfloat16 and w.lora_A.dtype == w.lora_B.dtype == torch.float32 for w in wrappers(half))
+    assert all(w.base.weight.dtype == torch.bfloat16 and w.lora_A.dtype == w.lora_B.dtype == torch.float32
+               for w in wrappers(half))
     loss = half(batch)
     assert loss.dtype == torch.float32 and abs(loss.item() - full(batch).item()) < 1e-2 * loss.item()
     loss.backward()
@@ -176,11 +180,13 @@ def test_checkpoint_holds_adapters_and_the_other_trained_weights(lora_run):
 def test_checkpoint_loads_onto_its_base(lora_run, tmp_path):
     ckpt = lora_run.out_dir / "ckpt-0000006"
     model, config = load(ckpt)
-    saved, base = load_file(str(ckpt / "model.safetensors")), load_file(str(lora_run.out_dir / "base" / "model.safetensors"))
+    saved, base = (load_file(str(ckpt / "model.safetensors")),
+                   load_file(str(lora_run.out_dir / "base" / "model.safetensors")))
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved.items())
-    assert all(torch.equal(state[k.replace(".weight", ".base.weight")] if k.replace(".weight", "") in config["lora"]["targets"]
-                           else state[k], v) for k, v in base.items() if k not in saved)
+    assert all(torch.equal(state[k.replace(".weight", ".base.weight")]
+                           if k.replace(".weight", "") in config["lora"]["targets"] else state[k], v)
+               for k, v in base.items() if k not in saved)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(saved)  # trainable as when saved
     # a missing base is named
     shutil.copytree(ckpt, tmp_path / "moved")
@@ -238,9 +244,11 @@ def test_two_processes_train_lora_like_one(train, tmp_path, parallel, base_dtype
     a = load_file(str(tmp_path / "one" / "ckpt-0000006" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "ckpt-0000006" / "model.safetensors"))
     assert a.keys() == b.keys() and any(lora.is_lora(k) for k in a)
-    assert {k for k in a if not lora.is_lora(k)} == {f"mm_projector.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
+    assert {k for k in a if not lora.is_lora(k)} == {f"mm_projector.{i}.{w}"
+                                                     for i in (0, 2) for w in ("weight", "bias")}
     assert any(k.startswith("vision_tower.") for k in a) == tower
-    assert json.loads((tmp_path / "two" / "ckpt-0000006" / "config.json").read_text())["lora"]["base_dtype"] == base_dtype
+    assert json.loads((tmp_path / "two" / "ckpt-0000006" / "config.json").read_text())["lora"]["base_dtype"] == \
+        base_dtype
     for k in a if base_dtype == "float32" else []:
         assert (a[k] - b[k]).abs().max() <= 1e-4 * a[k].abs().max() + 1e-6, k
     if parallel == "fsdp":
@@ -255,7 +263,8 @@ def test_export_merges_into_a_plain_glimpse_checkpoint_and_a_transformers_llava(
     model, _ = load(ckpt)
     batch = make_batch(model)
     ours = logits(model.eval(), batch)
-    run_script([sys.executable, "export.py", f"--ckpt={ckpt}", f"--merged_dir={tmp_path / 'merged'}", f"--hf_dir={tmp_path / 'hf'}"])
+    run_script([sys.executable, "export.py", f"--ckpt={ckpt}", f"--merged_dir={tmp_path / 'merged'}",
+                f"--hf_dir={tmp_path / 'hf'}"])
     merged, config = load(tmp_path / "merged")
     assert "lora" not in config and not wrappers(merged) and config["train"]["lora_enable"]
     assert load_file(str(tmp_path / "merged" / "model.safetensors")).keys() == \
@@ -269,14 +278,16 @@ def test_export_merges_into_a_plain_glimpse_checkpoint_and_a_transformers_llava(
 
 def test_lora_checkpoint_without_lora_enable_is_refused(lora_run, shapes, tmp_path):
     from conftest import train_args
-    proc = run_script([sys.executable, "train.py"] + train_args(shapes, tmp_path / "x", init_from=lora_run.out_dir / "ckpt-0000006"),
+    proc = run_script([sys.executable, "train.py"] + train_args(shapes, tmp_path / "x",
+                                                                init_from=lora_run.out_dir / "ckpt-0000006"),
                       check=False)
     assert proc.returncode != 0 and "has LoRA adapters" in proc.stderr and "--merged_dir" in proc.stderr
 
 
 def test_lora_with_a_frozen_llm_is_refused(shapes, tmp_path):
     from conftest import train_args
-    proc = run_script([sys.executable, "train.py"] + train_args(shapes, tmp_path / "x", lora_enable=True, freeze_backbone=True),
+    proc = run_script([sys.executable, "train.py"] + train_args(shapes, tmp_path / "x", lora_enable=True,
+                                                                freeze_backbone=True),
                       check=False)
     assert proc.returncode != 0 and "cannot also be frozen" in proc.stderr
 

@@ -1,5 +1,5 @@
 """model.py: towers, projectors, the loss against a full-logits reference, image placement, generation
-with and without a KV cache, embedding resizing, save/load."""
+with and without a KV cache, embedding resizing (save/load: test_checkpoint.py; regions: test_ferret.py)."""
 import json
 
 import pytest
@@ -10,8 +10,7 @@ from transformers import AutoModelForCausalLM, CLIPConfig, CLIPModel
 
 from conversation import tokenize
 from data import ShardDataset, collate, preprocess
-from model import (VLM, VisionTower, blocks, build_projector, checkpoint_blocks, hf_config, load, load_projector,
-                   resize_embeddings, save, train_flops)
+from model import VLM, VisionTower, VLMConfig, build_projector, hf_config, resize_embeddings
 
 SIGLIP = dict(TINY_TOWER, model_type="siglip_vision_model")
 # One tiny random config per family (32-pixel images in 8-pixel patches: 16 patches), with the number of
@@ -43,7 +42,7 @@ def make_model(tokenizer, seed=0, **overrides):
                   mm_vision_select_feature="patch", mm_projector_type="mlp2x_gelu",
                   image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vocab_size=len(tokenizer))
     config.update(overrides)
-    return VLM(config).eval()
+    return VLM(VLMConfig(**config)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +75,8 @@ def test_tower_gives_num_tokens_features(family, feature, layer):
     hidden = tower.encoder(pixel_values=x, output_hidden_states=True).hidden_states[layer]
     assert hidden.shape[1] == 16 + n_prefix
     # 'patch': the patches only; 'cls_patch': the CLS token (the first) and the patches, never registers
-    expected = hidden[:, n_prefix:] if feature == "patch" or not n_prefix else torch.cat([hidden[:, :1], hidden[:, n_prefix:]], 1)
+    expected = (hidden[:, n_prefix:] if feature == "patch" or not n_prefix
+                else torch.cat([hidden[:, :1], hidden[:, n_prefix:]], 1))
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
@@ -198,9 +198,9 @@ def test_loss_equals_full_logits_reference_for_each_llm(shapes, tokenizer, famil
 def test_an_llm_whose_logits_lm_head_does_not_reproduce_is_refused(tokenizer):
     # FalconH1 multiplies its logits by lm_head_multiplier, which lm_head does not apply: training would
     # fit other logits than generation uses, so the model is refused at construction
-    falcon = dict(model_type="falcon_h1", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=1, lm_head_multiplier=0.25, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
-                  mamba_d_state=8, mamba_chunk_size=8)
+    falcon = dict(model_type="falcon_h1", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, lm_head_multiplier=0.25, mamba_d_ssm=32,
+                  mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=8)
     with pytest.raises(ValueError, match="falcon_h1: its forward changes the logits"):
         make_model(tokenizer, model_name_or_path=falcon)
 
@@ -227,7 +227,8 @@ def test_pixels_change_the_loss_and_gradients_reach_the_tower(shapes, tokenizer)
     batch = get_batch(shapes, tokenizer, model, n=2, start=1)  # two different images (records come in pairs per image)
     loss = model(batch)
     loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision_tower.parameters() if p.requires_grad)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.vision_tower.parameters() if p.requires_grad)
     assert all(p.grad is not None for p in model.mm_projector.parameters())
     with torch.no_grad():
         swapped = model({**batch, "pixel_values": batch["pixel_values"].flip(0)})
@@ -257,7 +258,8 @@ def prompts(shapes, tokenizer, model, n):
                     model.num_image_tokens)[0] for q in qs]
     from data import load_image
     t = model.vision_tower
-    pixels = torch.stack([load_image(str(shapes / q["image"]), "pad", t.image_size, t.image_mean, t.image_std) for q in qs])
+    pixels = torch.stack([load_image(str(shapes / q["image"]), "pad", t.image_size, t.image_mean, t.image_std)
+                          for q in qs])
     return ids, pixels
 
 
@@ -306,7 +308,8 @@ def test_left_padded_batch_equals_rows(shapes, tokenizer, gen_model):
         input_ids[i, T - len(p):], mask[i, T - len(p):] = torch.tensor(p), 1
     batched = gen_model.generate(input_ids, mask, pixels, max_new_tokens=10)
     for i, (p, px) in enumerate(zip(ids, pixels)):
-        row = gen_model.generate(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), px[None], max_new_tokens=10)
+        row = gen_model.generate(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), px[None],
+                                 max_new_tokens=10)
         assert batched[i].tolist() == row[0].tolist(), i
 
 
@@ -314,7 +317,8 @@ def test_left_padded_batch_equals_rows(shapes, tokenizer, gen_model):
 def test_generate_stops_and_repeats_the_stop_token(shapes, tokenizer, gen_model):
     ids, pixels = prompts(shapes, tokenizer, gen_model, 3)
     p = ids[0]
-    free = gen_model.generate(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), pixels[:1], max_new_tokens=8)[0]
+    free = gen_model.generate(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), pixels[:1],
+                              max_new_tokens=8)[0]
     stop = int(free[2])
     first = free.tolist().index(stop)
     out = gen_model.generate(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), pixels[:1], max_new_tokens=8,
@@ -332,7 +336,8 @@ def test_generate_stops_at_a_stop_sequence(shapes, tokenizer, gen_model):
         input_ids[i, T - len(p):], mask[i, T - len(p):] = torch.tensor(p), 1
     free = gen_model.generate(input_ids, mask, pixels, max_new_tokens=10)
     seq = free[0, 3:5].tolist()  # a stop string of two tokens, as row 0 writes it at steps 4 and 5
-    ends_with_seq = lambda new: (new[:, -2:] == torch.tensor(seq)).all(1) if new.shape[1] >= 2 else torch.zeros(2, dtype=torch.bool)  # noqa: E731
+    ends_with_seq = lambda new: ((new[:, -2:] == torch.tensor(seq)).all(1) if new.shape[1] >= 2  # noqa: E731
+                                 else torch.zeros(2, dtype=torch.bool))
     out = gen_model.generate(input_ids, mask, pixels, max_new_tokens=10, stop=ends_with_seq)
     first = next(i for i in range(1, 10) if free[0, i - 1:i + 1].tolist() == seq)
     assert out[0, :first + 1].tolist() == free[0, :first + 1].tolist()
@@ -350,7 +355,7 @@ def test_sampling_is_reproducible_with_a_generator(shapes, tokenizer, gen_model)
     assert torch.equal(a, b)
 
 
-# embeddings, save and load -----------------------------------------------------------------------------
+# embeddings -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_resize_embeddings_sets_new_rows_to_the_mean(tied):
@@ -369,21 +374,6 @@ def test_resize_embeddings_sets_new_rows_to_the_mean(tied):
     assert llm.get_input_embeddings().weight.shape == (56, 32)
 
 
-def test_save_load_round_trip(shapes, tokenizer, tmp_path):
-    model = make_model(tokenizer, seed=4, mm_projector_type="linear", mm_vision_select_feature="cls_patch")
-    batch = get_batch(shapes, tokenizer, model, n=3)
-    save(model, tmp_path / "ckpt", {"train": {"version": "vicuna_v1"}})
-    torch.manual_seed(123)  # a different random init before the weights are loaded
-    loaded, config = load(tmp_path / "ckpt")
-    assert config["train"] == {"version": "vicuna_v1"}
-    assert loaded.num_image_tokens == 17 and loaded.config["mm_projector_type"] == "linear"
-    a, b = model.state_dict(), loaded.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with torch.no_grad():
-        assert torch.equal(model(batch), loaded.eval()(batch))
-    assert loaded.llm.get_input_embeddings().weight.data_ptr() == loaded.llm.get_output_embeddings().weight.data_ptr()
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "gpt2", "opt"])
 def test_new_tokens_start_at_the_mean_and_tied_embeddings_stay_tied(tokenizer, family):
     """A pretrained LLM's vocabulary grown to the tokenizer's (with <image> and the like added)."""
@@ -400,41 +390,6 @@ def test_new_tokens_start_at_the_mean_and_tied_embeddings_stay_tied(tokenizer, f
     assert torch.equal(new_in[:-5], old_in) and torch.equal(new_out[:-5], old_out)
     torch.testing.assert_close(new_in[-5:], old_in.mean(0).expand(5, -1), rtol=0, atol=1e-6)
     torch.testing.assert_close(new_out[-5:], old_out.mean(0).expand(5, -1), rtol=0, atol=1e-6)
-
-
-def test_checkpoint_loads_with_safetensors_alone(tokenizer, tmp_path):
-    """No pickle: model.safetensors holds every tensor of the model (a tied one once)."""
-    from safetensors.torch import load_file
-    model = make_model(tokenizer, seed=7)
-    save(model, tmp_path / "ckpt")
-    tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
-    state = model.state_dict()
-    missing = set(state) - set(tensors)
-    assert set(tensors) <= set(state) and len(missing) == 1 and missing < {"llm.lm_head.weight", "llm.model.embed_tokens.weight"}
-    assert all(torch.equal(tensors[k], state[k]) for k in tensors)
-    fresh = make_model(tokenizer, seed=8)
-    fresh.load_state_dict(tensors, strict=False)
-    assert all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())
-
-
-def test_load_errors_are_clear(tokenizer, tmp_path):
-    model = make_model(tokenizer)
-    with pytest.raises(FileNotFoundError, match="missing config.json"):
-        load(tmp_path / "nothing")
-    save(model, tmp_path / "ckpt")
-    weights = tmp_path / "ckpt" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut short
-    with pytest.raises(RuntimeError) as e:
-        load(tmp_path / "ckpt")
-    assert str(weights) in str(e.value) and "cannot load" in str(e.value)
-    weights.unlink()
-    with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
-        load(tmp_path / "ckpt")
-    other = make_model(tokenizer, model_name_or_path={**TINY_LLM, "num_hidden_layers": 1})
-    save(other, tmp_path / "other")
-    (tmp_path / "other" / "model.safetensors").replace(tmp_path / "ckpt" / "model.safetensors")
-    with pytest.raises(RuntimeError, match="cannot load"):  # weights of another architecture
-        load(tmp_path / "ckpt")
 
 
 def test_vision_tower_from_a_saved_clip_folder(tmp_path):
@@ -474,7 +429,8 @@ def test_conv_tower_turns_its_feature_map_into_tokens():
     torch.testing.assert_close(out[:, 8 * 3 + 5], fmap[:, :, 3, 5], rtol=0, atol=0)
     tower.requires_grad_(True)
     tower.freeze_unused()  # the final LayerNorm only feeds the pooled output
-    assert not tower.encoder.layernorm.weight.requires_grad and tower.encoder.embeddings.patch_embeddings.weight.requires_grad
+    assert (not tower.encoder.layernorm.weight.requires_grad
+            and tower.encoder.embeddings.patch_embeddings.weight.requires_grad)
 
 
 def test_merge_patches_groups_neighbours():
@@ -495,243 +451,3 @@ def test_model_with_merge_has_fewer_image_tokens(shapes, tokenizer):
     assert m.num_image_tokens == 16
     batch = get_batch(shapes, tokenizer, m, n=2)
     assert torch.isfinite(m(batch))
-
-
-# blocks, activation checkpointing, a stage-1 projector ----------------------------------------------------
-
-def test_blocks_are_the_repeated_layers():
-    from transformers import AutoModel, AutoModelForCausalLM
-    for spec in LLMS.values():
-        llm = AutoModelForCausalLM.from_config(hf_config({"vocab_size": 300, **spec}))
-        found = blocks(llm)
-        assert len(found) == llm.config.num_hidden_layers and len({type(b) for b in found}) == 1, spec["model_type"]
-    for spec, _ in TOWERS.values():
-        assert len(blocks(AutoModel.from_config(hf_config(spec)))) == 1, spec["model_type"]
-    convnext = AutoModel.from_config(hf_config(dict(model_type="convnext", image_size=32, num_stages=2, hidden_sizes=[8, 16],
-                                                    depths=[2, 2])))
-    assert [type(b).__name__ for b in blocks(convnext)] == ["ConvNextStage"] * 2  # the outer blocks, not their layers
-
-
-def test_activation_checkpointing_gives_the_same_loss_and_gradients(shapes, tokenizer):
-    # with dropout: the recomputation must draw the same masks (it restores the RNG state it saw)
-    plain, ckpt = (make_model(tokenizer, seed=4, model_name_or_path={**TINY_LLM, "attention_dropout": 0.3}).train()
-                   for _ in range(2))
-    for m in (plain, ckpt):
-        m.vision_tower.requires_grad_(True)
-    checkpoint_blocks(blocks(ckpt.llm) + blocks(ckpt.vision_tower.encoder))
-    runs = []
-    for m in (plain, ckpt):
-        batch = get_batch(shapes, tokenizer, m, n=3)
-        torch.manual_seed(0)
-        loss = m(batch)
-        loss.backward()
-        runs.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
-    (loss_a, grads_a), (loss_b, grads_b) = runs
-    assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys() and len(grads_a) > 20
-    for k in grads_a:
-        torch.testing.assert_close(grads_b[k], grads_a[k], rtol=0, atol=1e-6, msg=k)
-
-
-def test_checkpointed_blocks_run_again_in_backward(tokenizer):
-    model = make_model(tokenizer, seed=1).train()
-    block = blocks(model.llm)[0]
-    runs = []
-    inner = block.self_attn.forward
-    block.self_attn.forward = lambda *a, **k: (runs.append(1), inner(*a, **k))[1]
-    ids = torch.randint(5, 300, (2, 12))
-    model.llm(input_ids=ids).logits.sum().backward()
-    assert len(runs) == 1
-    checkpoint_blocks([block])
-    model.llm(input_ids=ids).logits.sum().backward()
-    assert len(runs) == 3  # forward, then again in backward
-
-
-def test_load_projector_from_a_checkpoint_llava_bin_and_errors(tokenizer, tmp_path):
-    trained, fresh = make_model(tokenizer, seed=1), make_model(tokenizer, seed=2)
-    save(trained, tmp_path / "ckpt")
-    load_projector(fresh, str(tmp_path / "ckpt"))
-    assert all(torch.equal(a, b) for a, b in zip(fresh.mm_projector.state_dict().values(), trained.mm_projector.state_dict().values()))
-    # LLaVA's stage-1 artefact: a torch-saved dict under model.mm_projector.*, the same layout as ours
-    llava = {f"model.mm_projector.{k}": v * 2 for k, v in trained.mm_projector.state_dict().items()}
-    torch.save(llava, tmp_path / "mm_projector.bin")
-    load_projector(fresh, str(tmp_path / "mm_projector.bin"))
-    assert torch.equal(fresh.mm_projector[0].weight, 2 * trained.mm_projector[0].weight)
-    torch.save({"model.embed_tokens.weight": torch.zeros(3)}, tmp_path / "other.bin")
-    with pytest.raises(ValueError, match="holds no mm_projector weights"):
-        load_projector(fresh, str(tmp_path / "other.bin"))
-    linear = make_model(tokenizer, mm_projector_type="linear")
-    with pytest.raises(ValueError, match="does not fit this model's projector"):
-        load_projector(linear, str(tmp_path / "ckpt"))
-
-
-@pytest.mark.parametrize("setup", ["full", "stage1", "frozen_tower", "lora"])
-def test_train_flops_estimate_is_near_the_counted_flops(shapes, tokenizer, setup):
-    """train_flops' estimate against torch's FlopCounterMode over a real forward and backward, per training
-    setup: what trains decides the backward work (a frozen LLM under the projector: gradients through it,
-    no weight gradients; a frozen tower: forward only). A 64-wide, 2-layer LLM, so that attention and the
-    head weigh as much as the weights, with eager attention (whose matmuls the counter sees) and rows
-    without padding (the estimate counts real tokens: padding is work that MFU does not credit)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import lora as lora_
-    llm = {**TINY_LLM, "hidden_size": 64, "intermediate_size": 256, "attn_implementation": "eager"}
-    model = make_model(tokenizer, model_name_or_path=llm).train()
-    model.requires_grad_(setup != "stage1")
-    model.mm_projector.requires_grad_(True)
-    if setup in ("frozen_tower", "lora"):
-        model.vision_tower.requires_grad_(False)
-    if setup == "lora":  # as train.py sets it: the LLM trains through its adapters only
-        lora_.apply_lora(model, lora_.find_targets(model), r=2, alpha=4)
-        for n, p in model.llm.named_parameters():
-            p.requires_grad_(lora_.is_lora(n))
-    one = get_batch(shapes, tokenizer, model, n=1)
-    batch = {k: v.repeat(3, *[1] * (v.dim() - 1)) for k, v in one.items()}
-    estimate = train_flops(model)(batch)
-    with FlopCounterMode(display=False) as counter:
-        model(batch).backward()
-    counted = counter.get_total_flops()
-    assert abs(estimate - counted) <= 0.05 * counted, (setup, estimate, counted)
-
-
-# regions (Ferret) ------------------------------------------------------------------------------------------
-
-from model import RegionSampler, farthest_points, features_at, sample_points  # noqa: E402
-
-
-def test_features_are_read_at_x_y_where_the_region_is():
-    """A 4 x 8 map (rows x columns) whose channels hold each patch's column and row: a point (x, y) of the
-    image reads column x * 8 - 0.5 and row y * 4 - 0.5 (between patch centers, bilinear; clamped at the
-    edges). Read transposed, as Ferret's released code does, a point at the top right would get row 7."""
-    cols, rows = torch.meshgrid(torch.arange(8.0), torch.arange(4.0), indexing="xy")
-    fmap = torch.stack([cols, rows])[None]  # [1, 2, 4, 8]
-    xy = torch.tensor([[[0.95, 0.05], [0.5, 0.5], [0.1, 0.9], [0.3, 0.6]]])
-    got = features_at(fmap, xy)[0]
-    want = torch.stack([(xy[0, :, 0] * 8 - 0.5).clamp(0, 7), (xy[0, :, 1] * 4 - 0.5).clamp(0, 3)], -1)
-    torch.testing.assert_close(got, want)
-    assert got[0].tolist() == [7.0, 0.0]  # the top right reads the top right
-
-
-@pytest.mark.parametrize("family", ["clip", "siglip", "dinov2_registers", "convnext"])
-def test_the_feature_map_puts_each_patch_where_it_is_in_the_image(family):
-    """A white square in the image's top right, black elsewhere: the tower's feature map differs from a
-    black image's most in its top right cells (patches see little past their edges in one layer), and not
-    in the bottom left, where a transposed map would put them."""
-    spec = TOWERS[family][0] if family != "convnext" else dict(model_type="convnext", image_size=32, patch_size=4, num_stages=1,
-                                                                 hidden_sizes=[8], depths=[1])
-    torch.manual_seed(0)
-    tower = VisionTower(spec, -1, "cls_patch").eval()
-    img = torch.zeros(1, 3, 32, 32)
-    img[:, :, :8, 24:] = 5.0  # rows 0-7, columns 24-31: the top right
-    with torch.no_grad():
-        diff = (tower.feature_map(tower(img)) - tower.feature_map(tower(torch.zeros_like(img)))).abs().sum(1)[0]
-    rows, cols = diff.shape
-    assert diff[0, cols - 1] > 0 and diff[0, cols - 1] == diff.max() and diff[rows - 1, 0] < diff.max() / 10, (family, diff)
-
-
-def test_points_fall_inside_their_mask_at_pixel_centers():
-    torch.manual_seed(0)
-    masks = torch.zeros(2, 16, 32, dtype=torch.bool)
-    masks[0, 2:4, 28:31] = True  # 6 pixels: all of them, then repeats
-    masks[1, 8:, :16] = True  # 128 pixels: a sample without repeats
-    xy = sample_points(masks, 20)
-    assert xy.shape == (2, 20, 2)
-    for m, pts in zip(masks, xy):
-        cols, rows = pts[:, 0] * 32 - 0.5, pts[:, 1] * 16 - 0.5
-        assert torch.equal(cols, cols.round()) and m[rows.long(), cols.long()].all()
-    assert len({tuple(p.tolist()) for p in xy[0]}) == 6 and len({tuple(p.tolist()) for p in xy[1]}) == 20
-    with pytest.raises(ValueError, match="empty region mask"):
-        sample_points(torch.zeros(1, 4, 4, dtype=torch.bool), 3)
-
-
-def test_farthest_points_spread_over_the_region():
-    xy = torch.tensor([[[0.5, 0.5], [0.0, 0.0], [0.52, 0.5], [1.0, 1.0], [0.0, 1.0], [0.49, 0.51]]])
-    assert farthest_points(xy, 4)[0].tolist() == [0, 1, 3, 4]  # from the first, each the farthest from the rest
-
-
-def test_relative_positions_keep_a_pixel_in_bf16():
-    # under FSDP the sampler's weights are bf16; positions near 0.6 are bf16 to 1/256, more than a 336 px pixel
-    sampler = RegionSampler(8, 8, num_init_point=64, num_sub_point=(16, 4), num_neighbor=(8, 4)).to(torch.bfloat16)
-    seen = []
-    sampler.stages[0]["relative"].register_forward_pre_hook(lambda m, a: seen.append(a[0][..., -2:].float()))
-    masks = torch.zeros(1, 336, 336, dtype=torch.bool)
-    masks[0, 200:208, 200:208] = True
-    torch.manual_seed(0)
-    sampler(torch.randn(1, 8, 24, 24, dtype=torch.bfloat16), masks)
-    pixels = seen[0] * 336  # the neighbours' offsets from their center, in pixels: whole numbers, 0 to 7
-    assert (pixels - pixels.round()).abs().max() < 0.05 and pixels.abs().max() <= 7 and (pixels.abs().round() == 1).any()
-
-
-@pytest.mark.parametrize("geo, pooler", [(True, "mean"), (True, "max"), (False, "mean")])
-def test_region_sampler_reads_its_region_only_and_is_seeded(geo, pooler):
-    sampler = RegionSampler(6, 10, geo, num_init_point=32, num_sub_point=(8, 4), num_neighbor=(6, 3), pooler=pooler)
-    torch.manual_seed(1)
-    fmap = torch.randn(1, 6, 8, 8)
-    other = fmap.clone()
-    other[..., 5:, 5:] += 3.0  # another image only in its bottom right
-    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
-    masks[0, :8, :8] = True  # the top left
-    masks[1, 24:, 24:] = True  # the bottom right
-    maps = fmap.expand(2, -1, -1, -1)
-
-    def run(m, seed=0):
-        torch.manual_seed(seed)
-        return sampler(m, masks)
-    a = run(maps)
-    assert a.shape == (2, 10) and torch.equal(a, run(maps))  # the same under the same seed
-    b = run(other.expand(2, -1, -1, -1))
-    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])  # the top left does not see the change
-    # off the diagonal, where a swap of x and y would show: a change in the top right reaches a top-right
-    # region and not a bottom-left one
-    corner = fmap.clone()
-    corner[..., :3, 5:] += 3.0  # rows 0-2, columns 5-7
-    masks[0], masks[1] = False, False
-    masks[0, :8, 24:], masks[1, 24:, :8] = True, True
-    before, after = run(maps), run(corner.expand(2, -1, -1, -1))
-    assert not torch.allclose(before[0], after[0]) and torch.equal(before[1], after[1])
-    a.sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sampler.parameters())
-
-
-def test_region_sampler_settings_are_checked():
-    with pytest.raises(ValueError, match="sampler_pooler_mode"):
-        RegionSampler(4, 4, pooler="sum")
-    with pytest.raises(ValueError, match="must shrink"):
-        RegionSampler(4, 4, num_init_point=16, num_sub_point=(32, 8), num_neighbor=(4, 4))
-
-
-def ferret_model(tokenizer, **overrides):
-    tok_id = len(tokenizer)  # <region_fea>, one past the tokenizer's ids
-    return make_model(tokenizer, add_region_feature=True, region_token_id=tok_id, vocab_size=len(tokenizer) + 1,
-                      sampler_num_init_point=16, sampler_num_sub_point=(8, 4), sampler_num_neighbor=(4, 4), **overrides)
-
-
-def test_region_features_are_written_at_region_tokens(shapes, tokenizer):
-    model = ferret_model(tokenizer)
-    batch = get_batch(shapes, tokenizer, model, n=2)
-    ids = batch["input_ids"].clone()
-    ids[0, -3], ids[1, -2] = model.region_token_id, model.region_token_id  # a region in each record
-    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
-    masks[0, :10, :10], masks[1, 20:, 20:] = True, True
-    image = torch.tensor([0, 1])
-    with torch.no_grad():
-        torch.manual_seed(0)
-        emb = model.embed(ids, batch["pixel_values"], masks, image)
-        torch.manual_seed(0)
-        tower = model.vision_tower.feature_map(model.vision_tower(batch["pixel_values"]))
-        want = model.region_sampler(tower[image], masks)
-    torch.testing.assert_close(emb[0, -3], want[0])
-    torch.testing.assert_close(emb[1, -2], want[1])
-    with pytest.raises(ValueError, match="2 region tokens but 1 region masks"):
-        model.embed(ids, batch["pixel_values"], masks[:1], image[:1])
-
-
-def test_a_batch_without_regions_still_trains_the_sampler_with_zero_gradients(shapes, tokenizer):
-    """As text-only batches do for the projector: the same parameters take part in every step (DDP, FSDP),
-    with gradient 0, and the loss is exactly the one without the stand-in."""
-    model = ferret_model(tokenizer).train()
-    batch = get_batch(shapes, tokenizer, model, n=2)
-    loss = model(batch)
-    loss.backward()
-    assert all(p.grad is not None and p.grad.abs().max() == 0 for p in model.region_sampler.parameters())
-    with torch.no_grad():
-        assert loss.item() == model(batch).item()

@@ -53,7 +53,8 @@ def test_loss_decreases(trained):
 
 def test_checkpoints_are_complete(run_a, shapes, tokenizer):
     names = sorted(p.name for p in run_a.out_dir.iterdir())
-    assert names == ["ckpt-0000003", "ckpt-0000006", "data"]  # no .tmp left behind, no eval.json (eval_data_path=''); data: the shards
+    # no .tmp left behind, no eval.json (eval_data_path=''); data: the shards
+    assert names == ["ckpt-0000003", "ckpt-0000006", "data"]
     for step in (3, 6):
         ckpt = run_a.out_dir / f"ckpt-{step:07d}"
         files = {p.name for p in ckpt.iterdir()}
@@ -87,8 +88,8 @@ def test_checkpoint_loads_and_evaluates_the_same(trained, shapes):
     # eval.py on the saved checkpoint gives what train.py measured on the model in memory
     (trained.out_dir / "eval.json").rename(trained.out_dir / "eval_train.json")
     try:
-        run_script([sys.executable, "eval.py", f"--out_dir={trained.out_dir}", f"--eval_data_path={shapes / 'val_questions.json'}",
-                    f"--eval_image_folder={shapes}"])
+        run_script([sys.executable, "eval.py", f"--out_dir={trained.out_dir}",
+                    f"--eval_data_path={shapes / 'val_questions.json'}", f"--eval_image_folder={shapes}"])
         assert json.loads((trained.out_dir / "eval.json").read_text()) == results
     finally:
         (trained.out_dir / "eval_train.json").replace(trained.out_dir / "eval.json")
@@ -161,7 +162,8 @@ def test_projector_only_stage_trains_only_the_projector(run_a, train, shapes, tm
 def test_no_weight_decay_on_biases_norms_and_embeddings(train, tmp_path):
     """One step with and without weight decay from the same start and data: AdamW's decay moves every
     matrix but no bias, norm weight or embedding (tied to the head here)."""
-    runs = [train(tmp_path / str(wd), weight_decay=wd, max_iters=1, val_data_path="", eval_data_path="") for wd in (0.0, 0.5)]
+    runs = [train(tmp_path / str(wd), weight_decay=wd, max_iters=1, val_data_path="", eval_data_path="")
+            for wd in (0.0, 0.5)]
     a, b = (tensors(r.out_dir / "ckpt-0000001") for r in runs)
     for k in a:
         exempt = a[k].dim() < 2 or k.endswith(("embed_tokens.weight", "lm_head.weight", "position_embedding.weight"))
@@ -170,15 +172,18 @@ def test_no_weight_decay_on_biases_norms_and_embeddings(train, tmp_path):
 
 
 def test_logs_throughput_flops_memory_and_wandb_offline(shapes, tmp_path):
-    from conftest import train_args
     import os
+
+    from conftest import train_args
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = subprocess.run([sys.executable, "train.py"] + train_args(shapes, tmp_path, max_iters=2, wandb_log=True, eval_data_path="",
-                                                                    val_data_path="", wandb_run_name="t"),
+    proc = subprocess.run([sys.executable, "train.py"] + train_args(shapes, tmp_path, max_iters=2, wandb_log=True,
+                                                                    eval_data_path="", val_data_path="",
+                                                                    wandb_run_name="t"),
                           cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("step 2/2")][0]
-    assert re.search(r"\| \d+ tok/s \(\d+ trained\) \| [\d.e+-]+ TFLOP/s per process \| peak mem [\d.]+ GiB \|", line), line
+    assert re.search(r"\| \d+ tok/s \(\d+ trained\) \| [\d.e+-]+ TFLOP/s per process "
+                     r"\| peak mem [\d.]+ GiB \|", line), line
     # the run's full config and its logged values, in wandb's offline run file (protobuf records, whose
     # keys are stored as plain strings), to be synced later with `wandb sync`
     (record,) = (tmp_path / "wandb").glob("offline-run-*/*.wandb")

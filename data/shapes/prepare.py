@@ -103,10 +103,12 @@ def questions(rng, objects, size):
 def ferret_record(rng, objects, size, record_id, image):
     """A GRIT record: 1-3 referring turns (a region in, its object out) and a grounding turn (an object in,
     its box out), in random order. Box i of a message fills its <bbox_location{i}>."""
-    qas = [("What is in <bbox_location0>?", name(s, c), [box], []) for s, c, box in rng.sample(objects, rng.randint(1, len(objects)))]
+    qas = [("What is in <bbox_location0>?", name(s, c), [box], [])
+           for s, c, box in rng.sample(objects, rng.randint(1, len(objects)))]
     s, c, box = rng.choice(objects)
     qas.insert(rng.randint(0, len(qas)), (f"Where is the {c} {s}?", "<bbox_location0>", [], [box]))
-    return {"id": record_id, "image": image, "image_w": size, "image_h": size, "conversations": turns([qa[:2] for qa in qas]),
+    return {"id": record_id, "image": image, "image_w": size, "image_h": size,
+            "conversations": turns([qa[:2] for qa in qas]),
             "box_x1y1x2y2": [list(b) for qa in qas for b in (qa[2], qa[3])]}
 
 
@@ -114,9 +116,12 @@ def ferret_questions(objects, size, record_id, image):
     """Single questions for eval.py: referring by box and by point (its center), grounding."""
     s, c, box = objects[0]
     q = {"id": record_id, "image": image, "image_w": size, "image_h": size, "boxes": [list(box)]}
-    return [{**q, "type": "referring", "region": "box", "question": "What is in <bbox_location0>?", "answer": name(s, c)},
-            {**q, "type": "referring_point", "region": "point", "question": "What is in <bbox_location0>?", "answer": name(s, c)},
-            {**q, "boxes": [], "type": "grounding", "question": f"Where is the {c} {s}?", "answer": box_text(box, size)}]
+    return [{**q, "type": "referring", "region": "box", "question": "What is in <bbox_location0>?",
+             "answer": name(s, c)},
+            {**q, "type": "referring_point", "region": "point", "question": "What is in <bbox_location0>?",
+             "answer": name(s, c)},
+            {**q, "boxes": [], "type": "grounding", "question": f"Where is the {c} {s}?",
+             "answer": box_text(box, size)}]
 
 
 def name(shape, color):
@@ -150,7 +155,8 @@ def build_split(rng, split, n, size, out, seed):
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": qs[-1][2]}]})
         single += [{"id": f"{split}_{i}_{t}", "image": image, "type": t, "question": q, "answer": a} for t, q, a in qs]
         # Ferret's records draw from a generator of their own: the files above stay what they were
-        ferret.append(ferret_record(random.Random(f"{seed}-ferret-{split}-{i}"), objects, size, f"{split}_{i}_ferret", image))
+        ferret.append(ferret_record(random.Random(f"{seed}-ferret-{split}-{i}"), objects, size, f"{split}_{i}_ferret",
+                                    image))
         ferret_single += ferret_questions(objects, size, f"{split}_{i}", image)
     return records, captions, single, ferret, ferret_single
 
@@ -168,7 +174,8 @@ def train_tokenizer(texts, path, vocab_size):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                             extra_special_tokens=["<image>"]).save_pretrained(path)
 
@@ -184,7 +191,8 @@ def main():
     a = p.parse_args()
     rng = random.Random(a.seed)
     files = {}
-    files["train.json"], files["captions.json"], _, files["ferret_train.json"], _ = build_split(rng, "train", a.train, a.size, a.out, a.seed)
+    files["train.json"], files["captions.json"], _, files["ferret_train.json"], _ = \
+        build_split(rng, "train", a.train, a.size, a.out, a.seed)
     files["val.json"], _, files["val_questions.json"], files["ferret_val.json"], files["ferret_val_questions.json"] = \
         build_split(rng, "val", a.val, a.size, a.out, a.seed)
     texts = [render("vicuna_v1", r["conversations"]) for r in files["train.json"]]
@@ -193,8 +201,8 @@ def main():
         with open(os.path.join(a.out, name + ".tmp"), "w") as f:
             json.dump(records, f, indent=None if not name.endswith("val_questions.json") else 0)
         os.replace(os.path.join(a.out, name + ".tmp"), os.path.join(a.out, name))
-    print(f"wrote {a.train} train and {a.val} val images with {sum(len(r['conversations']) // 2 for r in files['train.json'])} "
-          f"train questions to {a.out}")
+    print(f"wrote {a.train} train and {a.val} val images with "
+          f"{sum(len(r['conversations']) // 2 for r in files['train.json'])} train questions to {a.out}")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ SOURCES = {
 }
 # The pre-tokenizer regexes the two tiktoken vocabularies were trained with
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "glimpse", "tokenizers")
 
 
@@ -105,6 +106,7 @@ def fetch(name, root=CACHE):
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     import configurator
-    args = configurator.configure(dict(names=",".join(SOURCES), out=os.path.dirname(os.path.abspath(__file__))), sys.argv[1:])
+    args = configurator.configure(dict(names=",".join(SOURCES), out=os.path.dirname(os.path.abspath(__file__))),
+                                  sys.argv[1:])
     for name in args["names"].split(","):
         print(name, "->", fetch(name, args["out"]))

@@ -1,0 +1,232 @@
+"""
+Checkpoints: a trained model in a folder, and a run's state beside it so that it resumes exactly.
+
+out_dir/ckpt-<step>/ holds config.json (the model's settings under "model", the run's under "train"),
+model.safetensors (with LoRA: only what trains, and config.json names the folder of the frozen base),
+trainable.safetensors (stage 1: the projector alone, LLaVA's mm_projector.bin), optimizer/ (AdamW's state
+as torch.distributed.checkpoint shards, one per process, resumable on any number of processes), state.json
+(step, data position, every process's RNG) and the tokenizer. It is written under a .tmp name and renamed
+when complete, so a crash never leaves a half-written checkpoint. LLaVA's safe_save_model_for_hf_trainer,
+get_mm_adapter_state_maybe_zero_3 and maybe_zero_3 are get_model_state_dict with full_state_dict=True here:
+the weights gathered from FSDP's shards onto rank 0's CPU.
+"""
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, fields
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, load_model, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+
+import lora
+from hf_llava import from_hf_llava, is_hf_llava
+from model import VLM, VLMConfig
+
+
+def save(model, path, extra_config=None, state=None):
+    """Write config.json and model.safetensors into the folder `path`: the model's weights, or `state`,
+    the same gathered from FSDP's shards (train.py). A model with LoRA adapters writes only what trains,
+    and under "lora" in config.json the adapters' settings and model.lora_base, the folder of the frozen
+    rest (train.py sets it; lora.merge_lora first to save the whole model)."""
+    os.makedirs(path, exist_ok=True)
+    adapters = None
+    if lora.has_lora(model):
+        if not getattr(model, "lora_base", None):
+            raise ValueError("a model with LoRA adapters saves only what trains: set model.lora_base to the "
+                             "folder of its base, or merge_lora it first")
+        adapters = {**lora.lora_config(model), "base": model.lora_base, "base_checksum": model.lora_checksum}
+        state = lora.lora_state_dict(model) if state is None else state
+    elif state is None:
+        state = model.state_dict()
+    # one name for a weight that has several (tied embeddings): safetensors stores a tensor once
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    again = {n for group in names.values() for n in group[1:]}
+    state = {k: v.contiguous() for k, v in state.items() if k not in again}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"model": asdict(model.config), **({"lora": adapters} if adapters else {}), **(extra_config or {})},
+                  f, indent=1)
+    save_file(state, os.path.join(path, "model.safetensors"))
+
+
+def checkpoints(out_dir):
+    """The complete checkpoints in out_dir, oldest first (a .tmp folder is one that was cut short)."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = sorted(os.listdir(out_dir))
+    return [os.path.join(out_dir, n) for n in names if n.startswith("ckpt-") and not n.endswith(".tmp")]
+
+
+def find_checkpoint(init_from, out_dir):
+    """train.py's init_from -> the checkpoint folder to start from, or None (scratch): 'resume' is out_dir's
+    newest; an out_dir is its newest; a folder (a checkpoint, a transformers LLaVA folder) is itself."""
+    if init_from == "scratch":
+        return None
+    if init_from == "resume":
+        if not checkpoints(out_dir):
+            raise FileNotFoundError(f"init_from='resume' but {out_dir} holds no checkpoint")
+        return checkpoints(out_dir)[-1]
+    return (checkpoints(init_from) or [init_from])[-1]
+
+
+def load(path, device="cpu"):
+    """Rebuild a VLM from config.json (random init) and load model.safetensors into it. A transformers
+    LLaVA folder loads too (its config comes back under "hf_llava")."""
+    if is_hf_llava(path):
+        model = from_hf_llava(path)
+        return model.to(device), {"model": asdict(model.config), "hf_llava": str(path)}
+    cfg_file, weights = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
+    for f in (cfg_file, weights):
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"{f}: not a glimpse checkpoint (missing {os.path.basename(f)})")
+    with open(cfg_file) as f:
+        config = json.load(f)
+    if "lora" in config:  # the frozen base from its folder, then the adapters and what else trained
+        return load_lora(path, config, device), config
+    model = VLM(model_config(config["model"], cfg_file))
+    try:
+        load_model(model, weights, device=str(device))
+    except Exception as e:
+        raise RuntimeError(f"{weights}: cannot load the weights ({e})") from e
+    return model.to(device), config
+
+
+def load_lora(path, config, device="cpu"):
+    """A LoRA checkpoint: its base (a plain checkpoint or LLaVA folder, config["lora"]["base"]) with the
+    same adapters applied, then model.safetensors on top. merge_lora makes it a plain model again."""
+    c = config["lora"]
+    if not os.path.exists(c["base"]):
+        raise FileNotFoundError(f"{path} holds LoRA adapters for the base {c['base']}, which is missing")
+    model, _ = load(c["base"], device)
+    lora.apply_lora(model, c["targets"], c["r"], c["alpha"], c["dropout"], c["rslora"], getattr(torch, c["base_dtype"]))
+    try:
+        state = load_file(os.path.join(path, "model.safetensors"), device=str(device))
+    except Exception as e:
+        raise RuntimeError(f"{path}/model.safetensors: cannot read the LoRA weights ({e})") from e
+    model.lora_checksum = lora.base_checksum(model, state)
+    if not math.isclose(model.lora_checksum, c["base_checksum"], rel_tol=1e-9):
+        raise ValueError(f"{path}: its base {c['base']} is not the one its adapters were trained on (it has changed)")
+    try:
+        lora.load_lora_state_dict(model, state)
+    except Exception as e:
+        raise RuntimeError(f"{path}: cannot load the LoRA weights onto {c['base']} ({e})") from e
+    model.lora_base = c["base"]
+    return model
+
+
+def load_projector(model, path):
+    """Start from a trained projector (LLaVA's pretrain_mm_mlp_adapter: stage 2 from stage 1): a glimpse
+    checkpoint folder (its trainable.safetensors, else model.safetensors) or out_dir (its newest), a
+    .safetensors file, or LLaVA's mm_projector.bin (tensors only: torch.load with weights_only=True). The
+    keys are those that end in mm_projector.<name>; names and shapes must fit this model's projector."""
+    if os.path.isdir(path) and checkpoints(path):  # a run's out_dir: its newest checkpoint
+        path = checkpoints(path)[-1]
+    if os.path.isdir(path):  # what trained in that run alone if it was written, else the whole model
+        trainable = os.path.join(path, "trainable.safetensors")
+        path = trainable if os.path.exists(trainable) else os.path.join(path, "model.safetensors")
+    try:
+        state = load_file(path) if path.endswith(".safetensors") else \
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"pretrain_mm_mlp_adapter={path}: cannot read it ({e})") from e
+    weights = {k.split("mm_projector.", 1)[1]: v for k, v in state.items() if "mm_projector." in k}
+    if not weights:
+        raise ValueError(f"pretrain_mm_mlp_adapter={path}: it holds no mm_projector weights")
+    try:
+        model.mm_projector.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"pretrain_mm_mlp_adapter={path} does not fit this model's projector: {e}") from e
+
+
+def model_config(settings, where):
+    """config.json's "model" -> VLMConfig. A setting it lacks (a checkpoint from before that setting was)
+    takes its default, which is what such a checkpoint was built with."""
+    unknown = sorted(set(settings) - {f.name for f in fields(VLMConfig)})
+    if unknown:
+        raise ValueError(f"{where}: unknown model settings {unknown}: not a checkpoint of this glimpse")
+    return VLMConfig(**settings)
+
+
+def write_lora_base(model, ckpt, out_dir, extra_config, master):
+    """The folder of the frozen weights under LoRA adapters (a LoRA checkpoint holds only what trains and
+    names it): the checkpoint the run started from, or (a new model, or a checkpoint that keep_last would
+    delete) out_dir/base, written once by rank 0, under a temporary name as checkpoints are."""
+    start = os.path.abspath(ckpt) if ckpt else None
+    if start and os.path.dirname(start) != os.path.abspath(out_dir):
+        return start
+    base = os.path.abspath(os.path.join(out_dir, "base"))
+    if master:
+        shutil.rmtree(base + ".tmp", ignore_errors=True)
+        save(model, base + ".tmp", extra_config)
+        shutil.rmtree(base, ignore_errors=True)
+        os.replace(base + ".tmp", base)
+    return base
+
+
+def save_checkpoint(out_dir, state, model, vlm, optimizer, tokenizer, extra_config, keep_last, stage1_names=None):
+    """out_dir/ckpt-<step>/: the weights as one safetensors file (gathered from the shards under FSDP), the
+    optimizer state as torch.distributed.checkpoint shards (each process writes its own; a resume on
+    another number of processes reshards them), the step, data position and every process's RNG; with
+    stage1_names (the names of what trained), those weights alone too, as trainable.safetensors. Then all but
+    the keep_last newest are removed. Every process takes part: model is the trained module (DDP- or
+    FSDP-wrapped), vlm the VLM in it. Returns the folder."""
+    ddp = dist.is_initialized()
+    master = not ddp or dist.get_rank() == 0
+    path = os.path.join(out_dir, f"ckpt-{state['iter']:07d}")
+    tmp = path + ".tmp"
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if ddp:
+        dist.barrier()
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=os.path.join(tmp, "optimizer"),
+             no_dist=not ddp)
+    # on rank 0, on the CPU: the whole model, or with LoRA what trains (its base is already on disk)
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                  ignore_frozen_params=lora.has_lora(vlm)))
+    rng = {"cpu": torch.get_rng_state().tolist(),
+           "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_initialized() else None}
+    rngs = [None] * dist.get_world_size() if ddp else [rng]
+    if ddp:
+        dist.all_gather_object(rngs, rng)
+    if master:
+        save(vlm, tmp, extra_config, weights)
+        if stage1_names is not None and not lora.has_lora(vlm):  # LLaVA's mm_projector.bin, in safetensors
+            stage1 = {k: v.contiguous() for k, v in weights.items() if k in stage1_names}
+            save_file(stage1, os.path.join(tmp, "trainable.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({**state, "rng": rngs}, f)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        for old in checkpoints(out_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    if ddp:
+        dist.barrier()
+    return path
+
+
+def load_train_state(ckpt, model, optimizer):
+    """Resume: AdamW's moments from the checkpoint's shards, resharded to this run's processes (its settings,
+    the lr and decay of each group, stay this run's), this process's RNG, and the step and data position,
+    returned. The RNG is each process's of the run that saved: exact on as many processes, else rank % saved."""
+    ddp = dist.is_initialized()
+    settings = [{k: g[k] for k in ("base_lr", "weight_decay", "betas")} for g in optimizer.param_groups]
+    optim_state = get_optimizer_state_dict(model, optimizer)  # the layout to fill (it makes AdamW's state exist)
+    dcp.load({"optimizer": optim_state}, checkpoint_id=os.path.join(ckpt, "optimizer"), no_dist=not ddp)
+    set_optimizer_state_dict(model, optimizer, optim_state)
+    for g, mine in zip(optimizer.param_groups, settings):
+        g.update(mine)
+    with open(os.path.join(ckpt, "state.json")) as f:
+        state = json.load(f)
+    rngs = state.pop("rng")
+    rng = rngs[(dist.get_rank() if ddp else 0) % len(rngs)]
+    torch.set_rng_state(torch.tensor(rng["cpu"], dtype=torch.uint8))
+    if torch.cuda.is_initialized() and rng.get("cuda"):
+        torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8))
+    return state

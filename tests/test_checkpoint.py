@@ -1,0 +1,132 @@
+"""checkpoint.py: save/load round trips with safetensors alone, clear errors for damaged checkpoints, a stage-1
+projector from a checkpoint or LLaVA's mm_projector.bin, and a checkpoint written before VLMConfig still loading."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_LLM
+from test_model import get_batch, make_model
+
+from checkpoint import load, load_projector, save
+
+
+def test_save_load_round_trip(shapes, tokenizer, tmp_path):
+    model = make_model(tokenizer, seed=4, mm_projector_type="linear", mm_vision_select_feature="cls_patch")
+    batch = get_batch(shapes, tokenizer, model, n=3)
+    save(model, tmp_path / "ckpt", {"train": {"version": "vicuna_v1"}})
+    torch.manual_seed(123)  # a different random init before the weights are loaded
+    loaded, config = load(tmp_path / "ckpt")
+    assert config["train"] == {"version": "vicuna_v1"}
+    assert loaded.num_image_tokens == 17 and loaded.config.mm_projector_type == "linear"
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert torch.equal(model(batch), loaded.eval()(batch))
+    assert loaded.llm.get_input_embeddings().weight.data_ptr() == loaded.llm.get_output_embeddings().weight.data_ptr()
+
+
+def test_checkpoint_loads_with_safetensors_alone(tokenizer, tmp_path):
+    """No pickle: model.safetensors holds every tensor of the model (a tied one once)."""
+    from safetensors.torch import load_file
+    model = make_model(tokenizer, seed=7)
+    save(model, tmp_path / "ckpt")
+    tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
+    state = model.state_dict()
+    missing = set(state) - set(tensors)
+    assert set(tensors) <= set(state) and len(missing) == 1 and missing < {"llm.lm_head.weight",
+                                                                            "llm.model.embed_tokens.weight"}
+    assert all(torch.equal(tensors[k], state[k]) for k in tensors)
+    fresh = make_model(tokenizer, seed=8)
+    fresh.load_state_dict(tensors, strict=False)
+    assert all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())
+
+
+def test_load_errors_are_clear(tokenizer, tmp_path):
+    model = make_model(tokenizer)
+    with pytest.raises(FileNotFoundError, match="missing config.json"):
+        load(tmp_path / "nothing")
+    save(model, tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut short
+    with pytest.raises(RuntimeError) as e:
+        load(tmp_path / "ckpt")
+    assert str(weights) in str(e.value) and "cannot load" in str(e.value)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
+        load(tmp_path / "ckpt")
+    other = make_model(tokenizer, model_name_or_path={**TINY_LLM, "num_hidden_layers": 1})
+    save(other, tmp_path / "other")
+    (tmp_path / "other" / "model.safetensors").replace(tmp_path / "ckpt" / "model.safetensors")
+    with pytest.raises(RuntimeError, match="cannot load"):  # weights of another architecture
+        load(tmp_path / "ckpt")
+
+
+def test_load_projector_from_a_checkpoint_llava_bin_and_errors(tokenizer, tmp_path):
+    trained, fresh = make_model(tokenizer, seed=1), make_model(tokenizer, seed=2)
+    save(trained, tmp_path / "ckpt")
+    load_projector(fresh, str(tmp_path / "ckpt"))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.mm_projector.state_dict().values(),
+                                                 trained.mm_projector.state_dict().values()))
+    # LLaVA's stage-1 artefact: a torch-saved dict under model.mm_projector.*, the same layout as ours
+    llava = {f"model.mm_projector.{k}": v * 2 for k, v in trained.mm_projector.state_dict().items()}
+    torch.save(llava, tmp_path / "mm_projector.bin")
+    load_projector(fresh, str(tmp_path / "mm_projector.bin"))
+    assert torch.equal(fresh.mm_projector[0].weight, 2 * trained.mm_projector[0].weight)
+    torch.save({"model.embed_tokens.weight": torch.zeros(3)}, tmp_path / "other.bin")
+    with pytest.raises(ValueError, match="holds no mm_projector weights"):
+        load_projector(fresh, str(tmp_path / "other.bin"))
+    linear = make_model(tokenizer, mm_projector_type="linear")
+    with pytest.raises(ValueError, match="does not fit this model's projector"):
+        load_projector(linear, str(tmp_path / "ckpt"))
+
+
+
+
+# checkpoints written before model.VLMConfig -------------------------------------------------------------
+
+FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint_v1"
+
+
+def fixture_batch():
+    """The batch tests/fixtures/checkpoint_v1/expected.json was measured on (by the code that wrote it)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.cat([torch.randint(0, 63, (2, 3), generator=g), torch.full((2, 16), 63),
+                     torch.randint(0, 63, (2, 6), generator=g)], 1)
+    return {"input_ids": ids, "labels": torch.where(torch.arange(25) >= 19, ids, -100),
+            "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+
+
+@pytest.mark.parametrize("older", [False, True])
+def test_a_checkpoint_written_before_vlmconfig_loads_and_gives_the_same_outputs(tmp_path, older):
+    """checkpoint_v1 was written by the code before VLMConfig (its settings a plain dict); older: without the
+    settings added after the first checkpoints (mm_patch_merge, Ferret's), which then take their defaults."""
+    path = FIXTURE
+    if older:
+        path = tmp_path / "ckpt"
+        shutil.copytree(FIXTURE, path)
+        config = json.loads((path / "config.json").read_text())
+        for key in ("mm_patch_merge", "add_region_feature", "region_token_id", "region_geo_sampler",
+                    "sampler_pooler_mode", "sampler_num_init_point", "sampler_num_sub_point", "sampler_num_neighbor"):
+            del config["model"][key]
+        (path / "config.json").write_text(json.dumps(config))
+    model, config = load(path)
+    expected = json.loads((FIXTURE / "expected.json").read_text())
+    batch = fixture_batch()
+    with torch.no_grad():
+        assert abs(model.eval()(batch).item() - expected["loss"]) < 1e-5
+        new = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], max_new_tokens=5)
+    assert new.tolist() == expected["generated"]
+    assert model.config.mm_patch_merge == 1 and model.region_sampler is None
+    assert config["train"]["version"] == "vicuna_v1"
+
+
+def test_a_checkpoint_with_unknown_model_settings_is_refused_naming_it(tmp_path):
+    path = tmp_path / "ckpt"
+    shutil.copytree(FIXTURE, path)
+    config = json.loads((path / "config.json").read_text())
+    config["model"]["mm_resampler"] = "perceiver"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json: unknown model settings \['mm_resampler'\]"):
+        load(path)
