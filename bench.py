@@ -155,8 +155,11 @@ def write_synthetic_shards(path, n, image, seed=0, tokens=(100, 800), vocab=3200
     np.save(os.path.join(path, "sources.npy"), np.zeros(n, np.int16))
     np.save(os.path.join(path, "image_index.npy"), np.arange(n + 1, dtype=np.int64))
     np.save(os.path.join(path, "images.npy"), np.full(n, image.encode()))
+    open(os.path.join(path, "regions.bin"), "wb").close()  # no record has regions
+    np.save(os.path.join(path, "region_offsets.npy"), np.zeros(n + 1, np.int64))
     with open(os.path.join(path, "manifest.json"), "w") as f:
-        json.dump({"format": 1, "num_image_tokens": 1, "image_token_id": 5, "skipped": 0, "sources": [{}]}, f)
+        json.dump({"format": 2, "num_image_tokens": 1, "image_token_id": 5, "skipped": 0, "sources": [{}],
+                   "records": n}, f)
 
 
 def worker_memory():

@@ -141,6 +141,16 @@ def check_image(path):
     return size
 
 
+def check_inside(name, path, folder):
+    """An image named in a record must lie in its image folder: an absolute name, or one whose '..' climbs out,
+    would read any file on the machine. Decided on the names (normpath, not realpath): a link inside the folder
+    is the folder's owner's doing (a dataset linked in, as LLaVA's layouts do), and stays allowed."""
+    folder, where = os.path.abspath(folder), os.path.abspath(path)  # abspath normalizes: each '..' by name
+    if os.path.commonpath([folder, where]) != folder:
+        raise Skip(f"image outside the folder: {name!r} is {where}, outside {folder} (allow_outside_images=True "
+                   "reads it)")
+
+
 # images: LLaVA's expand2square ('pad') and the other transforms ---------------------------------------------
 
 def fit(img, mode, size, fill, resample=Image.BICUBIC):
@@ -205,9 +215,11 @@ def truncate(ids, trained, max_len, image_id, num_image_tokens):
     return ids, trained
 
 
-def prepare(record, folder, template, tokenizer, num_image_tokens, max_len, regions=None, rng=None):
+def prepare(record, folder, template, tokenizer, num_image_tokens, max_len, regions=None, rng=None,
+            allow_outside_images=False):
     """One record -> (compact ids int32, trained uint8, image paths, its regions or None), or Skip with the
-    reason. regions: ferret.place_regions' settings, for GRIT records (rng draws their box-or-point choices)."""
+    reason. regions: ferret.place_regions' settings, for GRIT records (rng draws their box-or-point choices).
+    allow_outside_images: image names may lead out of the folder (an absolute path, '..')."""
     messages, images = normalize(record)
     if not any(m["from"] == "gpt" for m in messages):
         raise Skip("no assistant reply")
@@ -218,6 +230,9 @@ def prepare(record, folder, template, tokenizer, num_image_tokens, max_len, regi
         raise Skip(f"region token in the text: {REGION_TOKEN} comes from a <bbox_location{{i}}> placeholder and "
                    "its box")
     paths = [os.path.join(folder, i) for i in images]
+    if not allow_outside_images:
+        for name, p in zip(images, paths):
+            check_inside(name, p, folder)
     sizes = [check_image(p) for p in paths]
     placed = None
     try:  # Ferret: a GRIT record's regions, in the text and as masks to make
@@ -249,16 +264,18 @@ def tokenizer_hash(tokenizer):
     return h.hexdigest()[:16]
 
 
-def settings(data_path, image_folder, tokenizer, version, num_image_tokens, model_max_length, regions=None):
-    """What shards depend on: the sources (their sizes and times), the tokenizer, the templates, the image
-    token count, the length limit, how GRIT regions become text. Shards whose settings differ are made
-    again (or refused by train.py)."""
+def settings(data_path, image_folder, tokenizer, version, num_image_tokens, model_max_length, regions=None,
+             allow_outside_images=False):
+    """What shards depend on: the sources (their sizes and times), whether their images may lie outside their
+    folders, the tokenizer, the templates, the image token count, the length limit, how GRIT regions become
+    text. Shards whose settings differ are made again (or refused by train.py)."""
     paths = split_list(data_path)
     folders = per_source(image_folder, len(paths), "image folders")
     sources = [{"path": os.path.abspath(p), "image_folder": os.path.abspath(f), "bytes": os.path.getsize(p),
                 "mtime_ns": os.stat(p).st_mtime_ns} for p, f in zip(paths, folders)]
     templates = per_source(version, len(paths), "templates")
-    return {"sources": sources, **model_settings(tokenizer, templates, num_image_tokens, model_max_length, regions)}
+    return {"sources": sources, "allow_outside_images": bool(allow_outside_images),
+            **model_settings(tokenizer, templates, num_image_tokens, model_max_length, regions)}
 
 
 def model_settings(tokenizer, templates, num_image_tokens, model_max_length, regions=None):
@@ -304,30 +321,35 @@ def prepare_item(item):
         w = _worker
         rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))  # a record's own draws, the same every time
         result = prepare(record, w["folders"][source], w["templates"][source], w["tokenizer"], w["num_image_tokens"],
-                         w["max_len"], w["regions"], rng)
+                         w["max_len"], w["regions"], rng, w["allow_outside_images"])
     except Skip as e:
         result = e
     return source, where, rid, result, digest
 
 
 def preprocess(data_path, image_folder, out, tokenizer, version, num_image_tokens, model_max_length=2048,
-               strict=False, num_proc=None, quiet=False, regions=None):
+               strict=False, num_proc=None, quiet=False, regions=None, allow_outside_images=False, max_skipped=0.5):
     """Validate and tokenize the records of every source, on num_proc processes (all cores by default), and
     write shards to `out`; nothing to do if `out` holds shards of the same sources and settings. Returns
     the manifest. The new shards replace old ones only once they are complete. regions: place_regions'
-    settings for GRIT records, whose box-or-point choices are drawn here, once, seeded by the record's content."""
-    want = settings(data_path, image_folder, tokenizer, version, num_image_tokens, model_max_length, regions)
+    settings for GRIT records, whose box-or-point choices are drawn here, once, seeded by the record's content.
+    An image whose name leads out of its folder is a skip, unless allow_outside_images. A source that yields no
+    record, or loses more than the share max_skipped of its records to skips (a wrong image folder, say), is
+    an error with the summary."""
+    want = settings(data_path, image_folder, tokenizer, version, num_image_tokens, model_max_length, regions,
+                    allow_outside_images)
     have = read_manifest(out)
     if have is not None and not differences(have, want):
         if strict and have["skipped"]:
             raise ValueError(f"{out}: strict=True, but these shards skipped {have['skipped']} records "
                              f"(listed in {out}/skipped.jsonl)")
+        check_skips(have, max_skipped, out)
         return have
     if have is None and os.path.isdir(out) and os.listdir(out):
         raise ValueError(f"{out} is a folder that holds no shards: not replacing it; give another --out")
     _worker.update(tokenizer=tokenizer, folders=[s["image_folder"] for s in want["sources"]],
                    templates=want["templates"], num_image_tokens=num_image_tokens, max_len=model_max_length,
-                   regions=want["regions"])
+                   regions=want["regions"], allow_outside_images=want["allow_outside_images"])
     items = ((i, where, record) for i, s in enumerate(want["sources"]) for where, record in read_source(s["path"]))
     num_proc = num_proc or os.cpu_count()
     pool = multiprocessing.get_context("fork").Pool(num_proc) if num_proc > 1 else None  # workers inherit _worker
@@ -337,6 +359,7 @@ def preprocess(data_path, image_folder, out, tokenizer, version, num_image_token
     os.makedirs(tmp)
     files = {name: open(os.path.join(tmp, name), "wb") for name in ("ids.bin", "trained.bin", "regions.bin")}
     offsets, lengths, sources, image_index, images, region_offsets, skipped, seen = [0], [], [], [0], [], [0], [], {}
+    lost = [0] * len(want["sources"])
     try:
         for source, where, rid, r, digest in tqdm(results, unit="rec", desc=f"preprocessing -> {out}", file=sys.stderr,
                                                   disable=True if quiet else None):  # None: on a terminal only
@@ -347,6 +370,7 @@ def preprocess(data_path, image_folder, out, tokenizer, version, num_image_token
                 if strict:
                     raise ValueError(f"{where} (id {rid!r}): {r}")
                 skipped.append({"where": where, "id": rid, "reason": str(r)})
+                lost[source] += 1
                 continue
             seen[source, digest] = where
             ids, trained, paths, regions = r
@@ -386,12 +410,26 @@ def preprocess(data_path, image_folder, out, tokenizer, version, num_image_token
         f.writelines(json.dumps(s) + "\n" for s in skipped)
     counts = np.bincount(np.asarray(sources, np.int64), minlength=len(want["sources"])).tolist()
     manifest = {**want, "records": len(lengths), "records_per_source": counts, "skipped": len(skipped),
-                "skipped_by_kind": kinds}
+                "skipped_per_source": lost, "skipped_by_kind": kinds}
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
+    check_skips(manifest, max_skipped, tmp)
     shutil.rmtree(out, ignore_errors=True)  # old shards of other settings (a folder of anything else was refused)
     os.replace(tmp, out)
     return json.loads(json.dumps(manifest))
+
+
+def check_skips(manifest, max_skipped, where):
+    """A source that yields no record, or loses more than the share max_skipped of them, stops the run."""
+    lost_per_source = manifest.get("skipped_per_source", [0] * len(manifest["sources"]))  # older shards: not kept
+    for s, kept, lost in zip(manifest["sources"], manifest["records_per_source"], lost_per_source):
+        if not kept:
+            raise ValueError(f"{s['path']}: no usable record, all {lost} skipped (is its image folder "
+                             f"{s['image_folder']} right?); the reasons are in {where}/skipped.jsonl")
+        if lost > max_skipped * (kept + lost):
+            raise ValueError(f"{s['path']}: {lost} of its {kept + lost} records skipped, more than max_skipped="
+                             f"{max_skipped} of them (is its image folder {s['image_folder']} right?); the "
+                             f"reasons are in {where}/skipped.jsonl")
 
 
 # training: shards -> samples -> batches --------------------------------------------------------------------
@@ -435,6 +473,7 @@ class ShardDataset(torch.utils.data.Dataset):
             if diff:
                 raise ValueError(f"{path}: these shards were made with other settings: " + "; ".join(diff))
         self.path, self.image_args = path, (image_aspect_ratio, image_size, image_mean, image_std)
+        self.check_sizes()
         self.num_image_tokens, self.image_id = self.manifest["num_image_tokens"], self.manifest["image_token_id"]
         self.lengths, self.sources, self.image_index = (self.load(f"{n}.npy")
                                                         for n in ("lengths", "sources", "image_index"))
@@ -445,12 +484,47 @@ class ShardDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.lengths)
 
+    def remake(self):
+        return (f"remake the shards: delete {self.path} and run again, or python data.py --out={self.path} "
+                "--data_path=... (the settings they were made with are in its manifest.json)")
+
+    def check_sizes(self):
+        """Every file holds what the manifest's records need: a copy cut short, a disk that filled up or a file
+        from other shards is an error now, naming the file, and not a broadcast error steps into training.
+        Cheap: the arrays' lengths from their headers (mapped, not read), the .bin files' from the file system."""
+        n = self.manifest.get("records")
+        if n is None:
+            raise ValueError(f"{os.path.join(self.path, 'manifest.json')} gives no record count (shards of format "
+                             f"{self.manifest.get('format')}; data.py writes format {FORMAT}): " + self.remake())
+
+        def check(name, has, want, unit, why):
+            if has != want:
+                raise ValueError(f"{os.path.join(self.path, name)} holds {has} {unit}, but should hold {want}: {why} "
+                                 "(the shards are damaged or incomplete); " + self.remake())
+        ends = {}
+        for name, want in [("lengths", n), ("sources", n), ("offsets", n + 1), ("image_index", n + 1),
+                           ("region_offsets", n + 1)]:
+            a = self.load(f"{name}.npy")
+            check(f"{name}.npy", len(a), want, "entries", f"the manifest has {n} records")
+            ends[name] = int(a[-1]) if len(a) else 0
+        check("images.npy", len(self.load("images.npy")), ends["image_index"], "image paths",
+              f"image_index.npy ends at {ends['image_index']}")
+        for name, itemsize, end, what in [("ids.bin", 4, "offsets", "int32 ids"),
+                                          ("trained.bin", 1, "offsets", "uint8 flags"),
+                                          ("regions.bin", 1, "region_offsets", "bytes")]:
+            check(name, os.path.getsize(os.path.join(self.path, name)), ends[end] * itemsize, "bytes",
+                  f"{end}.npy ends at {ends[end]} {what}")
+
     def open(self):
         self.arrays = (self.blob("ids.bin", np.int32), self.blob("trained.bin", np.uint8), self.load("offsets.npy"),
                        self.load("images.npy"), self.blob("regions.bin", np.uint8), self.load("region_offsets.npy"))
 
     def load(self, name):
-        return np.load(os.path.join(self.path, name), mmap_mode="r")
+        path = os.path.join(self.path, name)
+        try:
+            return np.load(path, mmap_mode="r")
+        except ValueError as e:  # a damaged header, or data cut short of what it says
+            raise ValueError(f"{path}: not a readable array ({e}); " + self.remake()) from e
 
     def blob(self, name, dtype):
         path = os.path.join(self.path, name)
@@ -580,15 +654,17 @@ if __name__ == "__main__":
     from transformers import AutoTokenizer
 
     import configurator
-    args = configurator.configure(dict(data_path="", image_folder="", out="", tokenizer="", version="vicuna_v1",
-                                       num_image_tokens=576, model_max_length=2048, strict=False, num_proc=0,
-                                       **ferret.REGIONS), sys.argv[1:])  # Ferret
+    settings = dict(data_path="", image_folder="", out="", tokenizer="", version="vicuna_v1", num_image_tokens=576,
+                    model_max_length=2048, strict=False, num_proc=0, allow_outside_images=False, max_skipped=0.5)
+    args = configurator.configure({**settings, **ferret.REGIONS}, sys.argv[1:])  # Ferret: its settings
     if not (args["data_path"] and args["out"] and args["tokenizer"]):
         sys.exit("usage: python data.py --data_path=a.json,b.jsonl --image_folder=dirA,dirB --out=DIR --tokenizer=PATH "
                  "[--version=vicuna_v1] [--num_image_tokens=576] [--model_max_length=2048] [--strict=True] "
+                 "[--allow_outside_images=True: image names may lead out of --image_folder] [--max_skipped=0.5] "
                  "[--add_region_feature=True --point_input_sample=... --no_coor=False: as train.py's]")
     tok = AutoTokenizer.from_pretrained(args["tokenizer"])
     add_tokens(tok, args["add_region_feature"])  # as train.py does
     preprocess(args["data_path"], args["image_folder"], args["out"], tok, args["version"], args["num_image_tokens"],
                args["model_max_length"], args["strict"], args["num_proc"] or None,
-               regions={k: args[k] for k in ferret.REGIONS})  # Ferret
+               regions={k: args[k] for k in ferret.REGIONS},  # Ferret
+               allow_outside_images=args["allow_outside_images"], max_skipped=args["max_skipped"])

@@ -74,11 +74,11 @@ if __name__ == "__main__":
     from transformers import AutoTokenizer
 
     import configurator
-    from checkpoint import checkpoints, load
+    from checkpoint import WEIGHTS, load, newest
     from conversation import chat_template
     args = configurator.configure(dict(out_dir="out-shapes", ckpt="", eval_data_path="data/shapes/val_questions.json",
                                        eval_image_folder="data/shapes", device="cpu"), sys.argv[1:])
-    ckpt = args["ckpt"] or (checkpoints(args["out_dir"]) or [None])[-1]
+    ckpt = args["ckpt"] or newest(args["out_dir"], names=WEIGHTS)
     if ckpt is None:
         sys.exit(f"no checkpoint in {args['out_dir']}")
     model, config = load(ckpt, args["device"])

@@ -22,7 +22,7 @@ import sys
 import torch
 
 import configurator
-from checkpoint import checkpoints, load, save
+from checkpoint import WEIGHTS, load, newest, save
 from conversation import chat_template, get_template, stop_string
 from hf_llava import save_hf_llava
 from lora import merge_lora
@@ -136,7 +136,7 @@ def export_merged(ckpt, out):
 if __name__ == "__main__":
     args = configurator.configure(dict(out_dir="out-shapes", ckpt="", hf_dir="", merged_dir="", dtype="float32"),
                                   sys.argv[1:])
-    ckpt = args["ckpt"] or (checkpoints(args["out_dir"]) or [None])[-1]
+    ckpt = args["ckpt"] or newest(args["out_dir"], names=WEIGHTS)
     if ckpt is None or not (args["hf_dir"] or args["merged_dir"]):
         sys.exit(f"usage: python export.py --out_dir=<a run's out_dir> --hf_dir=<new folder> (or --merged_dir=<new "
                  f"folder>: a plain glimpse checkpoint) (no checkpoint in {args['out_dir']}?)")

@@ -119,6 +119,9 @@ def is_hf_llava(path):
     cfg = os.path.join(path, "config.json")
     if not os.path.exists(cfg):
         return False
-    with open(cfg) as f:
-        return json.load(f).get("model_type") == "llava"
+    try:
+        with open(cfg) as f:
+            return json.load(f).get("model_type") == "llava"
+    except ValueError:  # broken: checkpoint.load says so
+        return False
 

@@ -10,6 +10,7 @@ prepare_inputs_labels_for_multimodal does by splicing). VLMConfig holds every se
 This file knows nothing of files and chat templates: checkpoint.py saves and loads a VLM, hf_llava.py
 converts it to and from transformers' LlavaForConditionalGeneration.
 """
+import inspect
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
 import ferret  # Ferret
 from conversation import IGNORE_INDEX
@@ -235,6 +236,17 @@ def check_lm_head(llm):
                          f"know (max difference {(got - ref).abs().max():.3g}): add that family's scaling to lm_head")
 
 
+def cache_keyword(llm):
+    """The keyword by which the LLM's forward takes a KV cache: `cache`, the name since transformers 5.x, which
+    warns on past_key_values and will drop it in 5.40 (from then on it would be ignored, silently: a token decoded
+    without its context); past_key_values only for a family, or a transformers, whose forward has no `cache`."""
+    params = inspect.signature(llm.forward).parameters  # through the deprecation wrapper, to the forward itself
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise ValueError(f"{type(llm).__name__}.forward takes no KV cache (neither `cache` nor `past_key_values`)")
+
+
 class VLM(nn.Module):
     """The vision tower, the projector and the LLM (with Ferret's region sampler when
     config.add_region_feature), built from a VLMConfig."""
@@ -348,8 +360,12 @@ class VLM(nn.Module):
         looks for the template's stop string in their text); a finished row repeats its last token."""
         emb = self.embed(input_ids, pixel_values, region_masks, region_image)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        # our own cache, filled in place by each forward: nothing is read back from the outputs, whose field
+        # for it was renamed too (past_key_values -> cache). From the config, for its layer kinds (Gemma 2's
+        # sliding window)
+        cache = {cache_keyword(self.llm): DynamicCache(config=self.llm.config)}
         out = self.llm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=True, logits_to_keep=1)
+                       use_cache=True, logits_to_keep=1, **cache)
         stop_ids = torch.tensor(list(stop_token_ids), dtype=torch.long, device=input_ids.device)
         done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
         last = torch.zeros_like(done, dtype=torch.long)
@@ -367,7 +383,7 @@ class VLM(nn.Module):
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(tok), 1)], 1)
             position_ids = position_ids[:, -1:] + 1
             out = self.llm(input_ids=tok[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                           past_key_values=out.past_key_values, use_cache=True)
+                           use_cache=True, **cache)
         return torch.stack(new, 1)
 
 

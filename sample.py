@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer
 
 import configurator
-from checkpoint import checkpoints, load
+from checkpoint import WEIGHTS, load, newest
 from conversation import BOX, chat_template, stop_string, tokenize
 from data import image_tensor, open_image, region_mask
 from ferret import place_regions  # Ferret
@@ -99,7 +99,7 @@ if __name__ == "__main__":
     args = configurator.configure(dict(out_dir="out-shapes", ckpt="", image="", prompt="Describe the image.", box="",
                                        point="", out_png="", max_new_tokens=64, temperature=0.0, top_p=0.9, seed=1337,
                                        device="cpu"), sys.argv[1:])
-    ckpt = args["ckpt"] or (checkpoints(args["out_dir"]) or [None])[-1]
+    ckpt = args["ckpt"] or newest(args["out_dir"], names=WEIGHTS)
     if ckpt is None:
         sys.exit(f"no checkpoint in {args['out_dir']}: train one first (python train.py)")
     model, config = load(ckpt, args["device"])

@@ -6,11 +6,10 @@ Train a vision-language model: image -> vision tower -> projector -> LLM.
     torchrun --standalone --nproc_per_node=8 train.py config/finetune.py
 
 LLaVA's train.py with the Hugging Face Trainer and DeepSpeed written out. The defaults below, with
-model.VLMConfig's, are the tiny shapes run (config/train_shapes.py restates them). Which parts train is
-config: LLaVA's stage 1 trains the projector only (tune_mm_mlp_adapter=True), stage 2 the projector and the
-LLM; the tower trains with unfreeze_mm_vision_tower=True. Under torchrun the model is replicated
-(parallel='ddp') or sharded (parallel='fsdp': FSDP2, for models that do not fit one device with their
-gradients and optimizer state).
+model.VLMConfig's, are the tiny shapes run (config/train_shapes.py restates them). What trains is config:
+LLaVA's stage 1 trains the projector only (tune_mm_mlp_adapter=True), stage 2 the projector and the LLM; the
+tower trains with unfreeze_mm_vision_tower=True. Under torchrun the model is replicated (parallel='ddp') or
+sharded (parallel='fsdp': FSDP2, for models that do not fit one device with gradients and optimizer state).
 """
 import math
 import os
@@ -23,26 +22,27 @@ from dataclasses import asdict
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoTokenizer
 
 import configurator
-from checkpoint import find_checkpoint, load, load_projector, load_train_state, save_checkpoint, write_lora_base
+from checkpoint import (find_checkpoint, load, load_projector, load_train_state, lock, remove_unfinished,
+                        save_checkpoint, unlock, write_lora_base)
 from conversation import IGNORE_INDEX, IMAGE_TOKEN, REGION_TOKEN, add_tokens, chat_template
 from data import (ShardDataset, collate, epoch_batches, global_batches, make_if_missing, per_source, preprocess,
                   rank_batches, read_manifest)
 from lora import apply_lora, base_checksum, find_targets, has_lora, is_lora
 from model import TOKENIZER_FIELDS, VLM, VLMConfig
-from train_utils import (blocks, checkpoint_blocks, exit_distributed, gpu_peak_flops, interval_stats, log_line,
+from train_utils import (PREEMPTED, STOP, blocks, check_settings, checkpoint_blocks, exit_distributed, gpu_peak_flops,
+                         init_distributed, interval_stats, log_line, reshard, split_batch, stop_on_signals,
                          train_flops)
 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "out-shapes"
-# 'scratch', 'resume' (newest checkpoint in out_dir), a glimpse checkpoint / out_dir, or a Hugging Face LLaVA
-# folder (export.py's, or e.g. llava-hf/llava-1.5-7b-hf downloaded): weights and tokenizer from it
+# 'scratch', 'resume' (out_dir's newest checkpoint), a checkpoint / out_dir, or a transformers LLaVA folder
 init_from = "scratch"
 eval_interval = 700  # optimizer steps between val losses and checkpoints
 log_interval = 50
@@ -64,6 +64,8 @@ curriculum = True  # the data files one after another (each shuffled), not mixed
 data_multiple = "1"  # per data file (or one for all): times each record is seen per epoch (Ferret's; 0.5 = half)
 group_by_modality_length = False  # LLaVA's: batches of image or text-only records, each sorted by length
 strict = False  # a bad record is an error instead of a counted skip (data.py lists skips in skipped.jsonl)
+max_skipped = 0.5  # the share of a data file's records that may be skipped; more stops the run (a wrong folder?)
+allow_outside_images = False  # image names may lead out of their image folder ('..', absolute paths)
 image_aspect_ratio = "pad"  # 'pad' (LLaVA's expand2square), 'square_nocrop' (Ferret), 'crop'
 model_max_length = 2048  # tokens, image tokens included
 num_workers = 0  # DataLoader workers that read images
@@ -80,8 +82,7 @@ unfreeze_mm_vision_tower = True  # the vision tower trains too (a random tower m
 point_input_sample = "segment_mask|center"  # a point region: 'center' or 'gaussian' (in the box),
 # 'segment_mask|uniform' or 'segment_mask|center' (in the object's segmentation, where the record has one)
 no_coor = False  # a region is its token alone, no coordinates in the text: the features must carry where it is
-# LoRA (lora.py; LLaVA's names and defaults): the LLM trains through low-rank adapters on its Linears while
-# its base weights stay frozen; the projector still trains fully. A checkpoint then holds only what trains.
+# LoRA (lora.py; LLaVA's names and defaults): the LLM's Linears train through low-rank adapters, the projector fully
 lora_enable = False
 lora_r = 64
 lora_alpha = 16  # the update is scaled by lora_alpha / lora_r
@@ -108,8 +109,10 @@ grad_clip = 1.0  # 0 disables
 # parallelism and memory (under torchrun)
 parallel = "ddp"  # 'ddp': a replica per process; 'fsdp': FSDP2, parameters, gradients and AdamW state sharded
 fsdp_reshard_after_forward = True  # True frees gathered weights after forward (ZeRO-3), False keeps them (ZeRO-2)
+max_bad_steps = 0  # steps with a non-finite loss or gradient that are skipped (not applied); one more stops the run
 activation_checkpointing = False  # recompute each block of the LLM (and a training tower) in backward: less memory
 peak_flops = 0.0  # the device's peak FLOP/s at dtype, for the MFU in the log; 0: known GPUs are looked up
+dist_timeout = 600  # seconds a collective waits for a stuck or dead rank before the job ends (rank 0's own work waits)
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"  # bf16 is slow on CPUs
@@ -121,21 +124,13 @@ config_keys = [k for k, v in globals().items()
 model_defaults = {k: v for k, v in asdict(VLMConfig()).items() if k not in TOKENIZER_FIELDS}
 config = configurator.configure({**model_defaults, **{k: globals()[k] for k in config_keys}}, sys.argv[1:])
 globals().update(config)
+check_settings(config)
 # -----------------------------------------------------------------------------
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process checkpoints alone, as meant
 ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun: DDP, or FSDP with parallel='fsdp'
-if parallel not in ("ddp", "fsdp"):
-    raise ValueError(f"parallel={parallel!r}: use 'ddp' or 'fsdp'")
 fsdp = ddp and parallel == "fsdp"
-if ddp:
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-else:
-    rank, world = 0, 1
+rank, world, device, waits = init_distributed(device, dist_timeout)  # waits: where ranks wait for rank 0's own work
 master = rank == 0
 torch.manual_seed(seed)  # every rank builds the same random init
 device_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -143,15 +138,8 @@ ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # bf16: autocast over fp32 weights, or under FSDP its mixed-precision policy (bf16 copies of the gathered
 # weights for compute, gradients reduced in fp32 onto fp32 shards)
 autocast = nullcontext() if ptdtype == torch.float32 or fsdp else torch.autocast(device_type, dtype=ptdtype)
-# the global batch is batch_size * gradient_accumulation_steps records: ranks share the accumulation
-# steps when they divide evenly, else each micro-batch (so the default also runs on 2 processes)
-if gradient_accumulation_steps % world == 0:
-    accum, micro_batch = gradient_accumulation_steps // world, batch_size
-elif batch_size % world == 0 and gradient_accumulation_steps == 1:
-    accum, micro_batch = 1, batch_size // world
-else:
-    raise ValueError(f"{world} processes cannot share gradient_accumulation_steps={gradient_accumulation_steps} "
-                     f"or batch_size={batch_size}: make one of them divisible by {world}")
+# the global batch is batch_size * gradient_accumulation_steps records, however many processes share it
+accum, micro_batch = split_batch(batch_size, gradient_accumulation_steps, world)
 global_batch = micro_batch * accum * world
 
 
@@ -160,15 +148,17 @@ def log(*a):  # LLaVA's rank0_print
         print(*a, flush=True)
 
 
-if master:  # the built-in datasets make themselves on a first run
+if master:  # one run per out_dir; the built-in datasets make themselves on a first run
+    lock(out_dir)
+    remove_unfinished(out_dir)
     for f in filter(None, ",".join((data_path, val_data_path, eval_data_path)).split(",")):
         make_if_missing(f)
 if ddp:
-    dist.barrier()
+    dist.barrier(waits)
 
 # model and tokenizer ----------------------------------------------------------
 state = {"iter": 0, "epoch": 0, "epoch_step": 0}
-ckpt = find_checkpoint(init_from, out_dir)
+ckpt = find_checkpoint(init_from, out_dir, log)
 if ckpt:
     log(f"loading {ckpt}")
     model, _ = load(ckpt)
@@ -180,14 +170,10 @@ else:
     model = VLM(VLMConfig(**{k: config[k] for k in model_defaults}, vocab_size=len(tokenizer),
                           image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), region_token_id=region_id))
 if config["add_region_feature"] != (model.region_sampler is not None):  # Ferret
-    raise ValueError(f"add_region_feature={config['add_region_feature']}, but the model from {ckpt} has " +
-                     ("a region sampler" if model.region_sampler is not None else "none: a Ferret model starts from "
-                      "model_name_or_path (and pretrain_mm_mlp_adapter), as Ferret's recipe does"))
+    raise ValueError(f"add_region_feature={config['add_region_feature']}, but the model of {ckpt} differs: a "
+                     "Ferret model starts from model_name_or_path (and pretrain_mm_mlp_adapter), as Ferret's does")
 if tokenizer.pad_token_id is None:
     tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id will do
-if lora_enable and (tune_mm_mlp_adapter or freeze_backbone):
-    raise ValueError("lora_enable=True trains the LLM through adapters: it cannot also be frozen "
-                     "(tune_mm_mlp_adapter or freeze_backbone)")
 if lora_enable and not has_lora(model):
     model.lora_base = write_lora_base(model, ckpt, out_dir, {"train": config}, master)
     names = apply_lora(model, find_targets(model, lora_target, lora_vision_tower), lora_r, lora_alpha, lora_dropout,
@@ -224,9 +210,9 @@ if has_lora(model):  # what tells, when the adapters are loaded, that their base
     model.lora_checksum = base_checksum(model, trained_names)
 if not model.vision_tower.trainable and ptdtype != torch.float32:
     model.vision_tower.to(ptdtype)  # a frozen tower never updates: an fp32 copy would only take memory
-n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, trainable {n_train / 1e6:.2f}M; "
-    f"{model.num_image_tokens} tokens per image")
+log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, trainable "
+    f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M; {model.num_image_tokens} tokens "
+    "per image")
 step_flops = train_flops(model)  # the training FLOPs of a micro-batch, for the MFU in the log
 if not peak_flops and device_type == "cuda" and ptdtype != torch.float32:
     peak_flops = gpu_peak_flops(torch.cuda.get_device_name())
@@ -284,35 +270,35 @@ def shards(data, folders, templates, name):
     files made into shards under out_dir/data/<name> by rank 0 and reused while they are unchanged."""
     path = data if os.path.isdir(data) and read_manifest(data) else os.path.join(out_dir, "data", name)
     if path != data and master:
-        preprocess(data, folders, path, version=templates, strict=strict, **shard_args)
+        preprocess(data, folders, path, version=templates, strict=strict, max_skipped=max_skipped,
+                   allow_outside_images=allow_outside_images, **shard_args)
     if ddp:
-        dist.barrier()
-    return ShardDataset(path, version=templates, **shard_args, **image_args)
+        dist.barrier(waits)
+    d = ShardDataset(path, version=templates, **shard_args, **image_args)
+    if d.skipped:
+        log(f"{name}: skipped {d.skipped} bad records, listed with their reasons in {path}/skipped.jsonl")
+    return d
 
 
 train_data = shards(data_path, image_folder, version, "train")
 val_data = shards(val_data_path, val_image_folder, chat_template(version), "val") if val_data_path else None
-for name, d in (("train", train_data), ("val", val_data)):
-    if d is not None and d.skipped:
-        log(f"{name}: skipped {d.skipped} bad records, listed with their reasons in {d.path}/skipped.jsonl")
-multiples = per_source(data_multiple, train_data.n_sources, "data_multiple values")
 
 
 def train_epoch(epoch):
     """The global batches of an epoch: seeded by (seed, epoch), so a resumed run takes the same ones."""
+    multiples = per_source(data_multiple, train_data.n_sources, "data_multiple values")
     return epoch_batches(train_data.sources, global_batch, seed, epoch, multiples, curriculum,
                          train_data.lengths if group_by_modality_length else None, train_data.has_image)
 
 
 n_steps = len(train_epoch(0))
-if n_steps == 0:
+if n_steps == 0:  # data_multiple=0 for every file
     raise ValueError(f"an epoch has no records: data_multiple={data_multiple} leaves out all {len(train_data)}")
 max_iters = max_iters or n_steps * num_train_epochs
 warmup = warmup_iters or round(warmup_ratio * max_iters)
 log(f"train: {len(train_data)} records, {n_steps} steps of {global_batch} per epoch; {max_iters} steps")
-if curriculum and max_iters > n_steps and train_data.n_sources > 1:
-    log(f"warning: curriculum=True for more than one epoch: each epoch takes the data files in order again, so step "
-        f"{n_steps} goes back to the first file (train stages in runs of their own for that)")
+if curriculum and max_iters > n_steps and train_data.n_sources > 1:  # train stages in runs of their own for that
+    log(f"warning: curriculum=True for more than one epoch: step {n_steps} goes back to the first data file")
 
 
 def loader(dataset, batches):
@@ -329,10 +315,6 @@ def train_batches():
         batches = rank_batches(train_epoch(state["epoch"]), micro_batch, accum, rank, world, state["epoch_step"])
         yield from loader(train_data, batches)
         state["epoch"], state["epoch_step"] = state["epoch"] + 1, 0
-
-
-def to_device(batch):
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def get_lr(it):
@@ -352,7 +334,7 @@ def estimate_val_loss():
     batches = rank_batches(global_batches(np.arange(len(val_data)), micro_batch * world), micro_batch, 1, rank, world)
     sums = torch.zeros(3, device=device)
     for batch in loader(val_data, batches[:eval_iters]):
-        batch = to_device(batch)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the mean over tokens, as in training
         with autocast:
             sums[0] += raw_model(batch) * n
@@ -361,25 +343,26 @@ def estimate_val_loss():
     if ddp:
         dist.all_reduce(sums)
     if fsdp:  # without a backward, ZeRO-2 units would stay gathered, out of step with the optimizer's shards
-        for m in raw_model.modules():
-            if isinstance(m, FSDPModule):
-                m.reshard()
-    model.train()
-    raw_model.vision_tower.train(raw_model.vision_tower.trainable)  # a frozen tower stays in eval mode
+        reshard(raw_model)
+    model.train()  # a frozen tower stays in eval mode (VisionTower.train)
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
 
+def save(keep=keep_last):  # with every process; the LLM frozen (stage 1), what trained alone too (mm_projector.bin)
+    stage1 = trained_names if tune_mm_mlp_adapter or freeze_backbone else None
+    return save_checkpoint(out_dir, state, model, raw_model, optimizer, tokenizer, {"train": config}, keep, stage1,
+                           waits)
+
+
 # training loop -----------------------------------------------------------------
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-    if wandb_log:
-        import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir)
-model.train()
-raw_model.vision_tower.train(raw_model.vision_tower.trainable)  # a frozen tower runs without dropout
+if master and wandb_log:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir)
+stop_on_signals()  # preemption: a checkpoint at the next step boundary, then out
+model.train()  # a frozen tower stays in eval mode (VisionTower.train): no dropout, BatchNorm statistics kept
 batches = train_batches()
 t_start = time.time()
-t_log, counts, ckpt_path = t_start, np.zeros(3), None  # since the last log line: tokens, trained tokens, FLOPs
+t_log, counts, ckpt_path, bad_steps = t_start, np.zeros(3), None, 0  # counts since the last log line
 start_iter = state["iter"]
 while state["iter"] < max_iters:
     it = state["iter"]
@@ -394,31 +377,38 @@ while state["iter"] < max_iters:
     # the step's loss is the mean over all trained tokens of the global batch, however the batch is
     # split over processes and micro-steps: weigh each micro-batch's mean by its share of the tokens
     # (DDP and FSDP then average the processes' gradients, hence the factor world)
-    n_global = torch.tensor(float(sum(n_tokens)), device=device)
-    if ddp:
-        dist.all_reduce(n_global)
+    flags = torch.tensor([float(sum(n_tokens)), float(bool(STOP))], device=device)
+    if ddp:  # the global batch's trained tokens, and in the same collective: was any process asked to stop?
+        dist.all_reduce(flags)
+    n_global = flags[0]
     loss_sum = torch.zeros((), device=device)
     for micro, batch in enumerate(micro_batches):
         if ddp and not fsdp:
             model.require_backward_grad_sync = micro == accum - 1  # all-reduce once per step (FSDP: every micro-step)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast:
-            loss = model(to_device(batch)) * (n_tokens[micro] * world / n_global)
+            loss = model(batch) * (n_tokens[micro] * world / n_global)
         loss.backward()
         loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip or float("inf"))
     grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # FSDP: over all shards
-    if not torch.isfinite(loss_sum + grad_norm):  # the one wait for the device in a step
-        raise FloatingPointError(f"step {it}: loss {loss_sum.item()}, gradient norm {grad_norm.item()}; stopping "
-                                 "before the weights are damaged")
-    optimizer.step()
+    # the one wait for the device in a step; grad_norm is the same on every rank (of the all-reduced gradients)
+    finite, stop = torch.stack([torch.isfinite(grad_norm).float(), flags[1]]).tolist()
+    if finite:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     state["iter"] += 1
     state["epoch_step"] += 1
+    if not finite:  # skipped, up to max_bad_steps; then a checkpoint of the weights before it, and stop
+        bad_steps += 1
+        if bad_steps > max_bad_steps:
+            raise FloatingPointError(f"step {it + 1}: loss {loss_sum.item()}, gradient norm {grad_norm.item()}; "
+                                     f"stopped before the weights are damaged, which {save(None)} holds")
+        log(f"step {it + 1}: a non-finite loss or gradient, not applied ({bad_steps} of max_bad_steps={max_bad_steps})")
     if state["iter"] % log_interval == 0 or state["iter"] == max_iters:
         stats = interval_stats(loss_sum, counts, time.time() - t_log, optimizer.param_groups[0]["lr"], grad_norm,
                                peak_flops, device)
-        elapsed = time.time() - t_start
-        log(log_line(state["iter"], max_iters, stats, elapsed, elapsed / (state["iter"] - start_iter)))
+        log(log_line(state["iter"], max_iters, stats, time.time() - t_start, state["iter"] - start_iter))
         if wandb_log and master:
             wandb.log(stats, step=state["iter"])
         t_log, counts = time.time(), np.zeros(3)
@@ -430,14 +420,21 @@ while state["iter"] < max_iters:
                 f"(gap {shuffled - val:+.4f})")
             if wandb_log and master:
                 wandb.log({"val/loss": val, "val/loss_shuffled_images": shuffled}, step=state["iter"])
-        # stage 1 (the LLM frozen) also writes what trained alone: LLaVA's mm_projector.bin
-        stage1 = trained_names if tune_mm_mlp_adapter or freeze_backbone else None
-        ckpt_path = save_checkpoint(out_dir, state, model, raw_model, optimizer, tokenizer, {"train": config},
-                                    keep_last, stage1)
+            if not math.isfinite(val):  # never saved as a checkpoint
+                raise FloatingPointError(f"step {state['iter']}: val loss {val}, not saved; last: {ckpt_path or ckpt}")
+        ckpt_path = save()
         t_log += time.time() - t_eval  # evaluation and saving are not training time
+    if stop:  # preemption, agreed by every process: a checkpoint of this step, then out
+        break
 
-log(f"trained {max_iters - start_iter} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint: {ckpt_path}")
-if master and eval_data_path and ckpt_path:
+preempted = state["iter"] < max_iters  # stopped by a signal: a checkpoint of the last step, then out
+if preempted and not (ckpt_path or "").endswith(f"-{state['iter']:07d}"):
+    ckpt_path = save()
+log(f"trained {state['iter'] - start_iter} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint: {ckpt_path}")
+if preempted:
+    log(f"stopped by a signal at step {state['iter']}: {ckpt_path} holds the run; the same command with "
+        "--init_from=resume goes on from there")
+elif master and eval_data_path and ckpt_path:
     from eval import evaluate, report
     # generation on rank 0 alone: under FSDP from the checkpoint's gathered weights, not from the shards
     eval_model = load(ckpt_path, device)[0] if fsdp else raw_model
@@ -445,6 +442,8 @@ if master and eval_data_path and ckpt_path:
                        image_aspect_ratio, no_coor=no_coor)
     report(results, os.path.join(out_dir, "eval.json"))
 if wandb_log and master:
-    wandb.finish()
+    wandb.finish(exit_code=PREEMPTED * preempted)
+unlock(out_dir)  # rank 0's, which holds it
 if ddp:
-    exit_distributed()
+    exit_distributed(PREEMPTED * preempted, waits)
+sys.exit(PREEMPTED * preempted)

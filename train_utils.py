@@ -1,15 +1,20 @@
 """
-What a training step needs at scale, beside the model (train.py uses it; bench.py measures it): the repeated
-blocks of a Hugging Face model, which are the units of activation checkpointing and of FSDP; activation
-checkpointing itself; and the FLOPs of a step with the device's peak, for the MFU in the log.
+What train.py needs around its loop, beside the model (bench.py measures some of it): torch.distributed's
+setup and end; the repeated blocks of a Hugging Face model, which are the units of activation checkpointing
+and of FSDP; activation checkpointing itself; the FLOPs of a step with the device's peak, for the MFU, and
+the log line; the preemption signals; and the check of every setting.
 """
 import functools
 import os
 import resource
+import signal
 import sys
+import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
@@ -108,22 +113,114 @@ def interval_stats(loss_sum, counts, seconds, lr, grad_norm, peak_flops, device)
             **({"mfu": flops_per_s / (world * peak_flops)} if peak_flops else {})}
 
 
-def log_line(step, max_iters, stats, elapsed, per_step):
+def log_line(step, max_iters, stats, elapsed, steps_run):
     """train.py's line of the stats of the last log_interval steps (tests/conftest.py reads it back)."""
     mfu = f", MFU {100 * stats['mfu']:.1f}%" if "mfu" in stats else ""
     return (f"step {step}/{max_iters} | loss {stats['train/loss']:.4f} | lr {stats['lr']:.2e} | "
             f"grad {stats['grad_norm']:.2f} | {stats['tokens_per_s']:.0f} tok/s ({stats['trained_tokens_per_s']:.0f} "
             f"trained) | {stats['tflops_per_process']:.3g} TFLOP/s per process{mfu} | peak mem "
             f"{stats['peak_memory_gib']:.2f} GiB | {elapsed / 60:.1f} min, "
-            f"ETA {(max_iters - step) * per_step / 60:.1f} min")
+            f"ETA {(max_iters - step) * elapsed / steps_run / 60:.1f} min")
 
 
-def exit_distributed():
-    """The end of a torchrun process, once everything is written."""
-    dist.barrier()  # no rank leaves while rank 0 still writes
+def init_distributed(device, timeout):
+    """Under torchrun: the process group (NCCL on CUDA, gloo on a CPU), whose collectives wait `timeout`
+    seconds for a stuck or dead rank before the job ends, this process's GPU, and a gloo group that waits a
+    day, for the work rank 0 does alone (preprocessing, the final evaluation). -> (rank, world, device, that
+    group), or (0, 1, device, None) in one process."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 1, device, None
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(seconds=timeout))
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device, dist.new_group(backend="gloo", timeout=timedelta(days=1))
+
+
+def split_batch(batch_size, gradient_accumulation_steps, world):
+    """-> (accumulation steps, micro-batch) per process: the processes share the accumulation steps when they
+    divide evenly, else each micro-batch (so the default also runs on 2 processes)."""
+    if gradient_accumulation_steps % world == 0:
+        return gradient_accumulation_steps // world, batch_size
+    if batch_size % world == 0 and gradient_accumulation_steps == 1:
+        return 1, batch_size // world
+    raise ValueError(f"{world} processes cannot share gradient_accumulation_steps={gradient_accumulation_steps} "
+                     f"or batch_size={batch_size}: make one of them divisible by {world}")
+
+
+def reshard(model):
+    """Free FSDP's gathered weights (after a forward without a backward, which would have)."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def exit_distributed(code=0, group=None):
+    """The end of a torchrun process, once everything is written; group: the one to wait in for rank 0."""
+    dist.barrier(group)  # no rank leaves while rank 0 still writes
     dist.destroy_process_group()
     # gloo's threads can still hold the last collectives' tensors, and letting go of them while Python shuts
     # down aborts a process now and then (pytorch issue 190489); everything is written: leave without that
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
+
+
+STOP = []  # the signals (and their times) that asked this process to stop; train.py looks at each step
+PREEMPTED = 75  # the exit code of a run stopped by a signal after its checkpoint (sysexits' EX_TEMPFAIL: run again)
+
+
+def stop_on_signals():
+    """Preemption: SIGTERM (SLURM's, or torchrun's forwarding of it), SIGINT (Ctrl-C) or SIGUSR1 (SLURM's
+    --signal) asks for a checkpoint and an exit at the next step boundary; a second signal, a second or more
+    later, stops at once (one sooner is the same one sent twice: SLURM signals torchrun's workers too, and
+    torchrun forwards its own)."""
+    def ask(signum, frame):
+        if STOP and time.time() - STOP[0][1] > 1:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        STOP.append((signum, time.time()))
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(s, ask)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+CHOICES = {"dtype": DTYPES, "lora_base_dtype": DTYPES, "parallel": ("ddp", "fsdp"),
+           "image_aspect_ratio": ("pad", "square_nocrop", "crop"),
+           "mm_vision_select_feature": ("patch", "cls_patch"), "sampler_pooler_mode": ("mean", "max"),
+           "point_input_sample": ("center", "gaussian", "segment_mask|uniform", "segment_mask|center")}
+AT_LEAST = {"batch_size": 1, "gradient_accumulation_steps": 1, "eval_interval": 1, "log_interval": 1, "eval_iters": 1,
+            "keep_last": 1, "model_max_length": 1, "num_train_epochs": 1, "lora_r": 1, "mm_patch_merge": 1,
+            "max_iters": 0, "warmup_iters": 0, "num_workers": 0, "weight_decay": 0, "grad_clip": 0, "min_lr": 0,
+            "peak_flops": 0, "lora_alpha": 0, "max_bad_steps": 0}
+BETWEEN = {"warmup_ratio": (0, 1), "max_skipped": (0, 1)}
+BELOW_ONE = ("beta1", "beta2", "lora_dropout")  # at least 0, less than 1
+
+
+def check_settings(c):
+    """train.py's settings, each against what it can be, before anything is built: an error names the first
+    that is not, and what it may be."""
+    for k, allowed in CHOICES.items():
+        if c[k] not in allowed:
+            raise ValueError(f"{k}={c[k]!r}: use one of {', '.join(map(repr, allowed))}")
+    for k, low in AT_LEAST.items():
+        if not isinstance(c[k], (int, float)) or c[k] < low:
+            raise ValueError(f"{k}={c[k]!r}: must be a number of at least {low}")
+    for k, (low, high) in BETWEEN.items():
+        if not isinstance(c[k], (int, float)) or not low <= c[k] <= high:
+            raise ValueError(f"{k}={c[k]!r}: must be between {low} and {high}")
+    for k in BELOW_ONE:
+        if not isinstance(c[k], (int, float)) or not 0 <= c[k] < 1:
+            raise ValueError(f"{k}={c[k]!r}: must be at least 0 and less than 1")
+    for k in ("learning_rate", "dist_timeout"):
+        if not isinstance(c[k], (int, float)) or c[k] <= 0:
+            raise ValueError(f"{k}={c[k]!r}: must be a positive number")
+    for k in ("mm_projector_lr", "mm_vision_tower_lr"):
+        if c[k] is not None and (not isinstance(c[k], (int, float)) or c[k] <= 0):
+            raise ValueError(f"{k}={c[k]!r}: must be None (learning_rate) or a positive number")
+    if c["lora_enable"] and (c["tune_mm_mlp_adapter"] or c["freeze_backbone"]):
+        raise ValueError("lora_enable=True trains the LLM through adapters: it cannot also be frozen "
+                         "(tune_mm_mlp_adapter or freeze_backbone)")
+    if c["min_lr"] > c["learning_rate"]:
+        raise ValueError(f"min_lr={c['min_lr']} is above learning_rate={c['learning_rate']}: the cosine decays "
+                         "to min_lr")

@@ -120,3 +120,48 @@ def train(shapes):
         proc = run_script(launcher + ["train.py"] + train_args(shapes, out_dir, **overrides))
         return Run(proc, out_dir)
     return _train
+
+
+def start_script(cmd):
+    """A script started in the background; a thread reads its output (stdout and stderr together) into
+    proc.lines, for wait_for and output."""
+    import queue
+    import threading
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc.lines, proc.seen = queue.Queue(), []
+
+    def read():
+        for line in proc.stdout:
+            proc.lines.put(line)
+        proc.lines.put(None)
+    threading.Thread(target=read, daemon=True).start()
+    return proc
+
+
+def wait_for(proc, pattern, timeout=300):
+    """Read proc's output up to the first line that matches pattern, and return that line's match (an
+    AssertionError if the output ends or the time runs out first)."""
+    import queue
+    import time
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            line = proc.lines.get(timeout=1)
+        except queue.Empty:
+            continue
+        if line is None:
+            break
+        proc.seen.append(line)
+        if m := re.search(pattern, line):
+            return m
+    proc.kill()
+    raise AssertionError(f"no line matching {pattern!r} in:\n" + "".join(proc.seen)[-4000:])
+
+
+def output(proc, timeout=300):
+    """All of proc's output, once it has ended."""
+    proc.wait(timeout)
+    while (line := proc.lines.get(timeout=30)) is not None:
+        proc.seen.append(line)
+    return "".join(proc.seen)

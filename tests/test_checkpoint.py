@@ -1,12 +1,14 @@
 """checkpoint.py: save/load round trips with safetensors alone, clear errors for damaged checkpoints, a stage-1
 projector from a checkpoint or LLaVA's mm_projector.bin, and a checkpoint written before VLMConfig still loading."""
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_LLM
+from conftest import TINY_LLM, run_script
 from test_model import get_batch, make_model
 
 from checkpoint import load, load_projector, save
@@ -130,3 +132,84 @@ def test_a_checkpoint_with_unknown_model_settings_is_refused_naming_it(tmp_path)
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"config.json: unknown model settings \['mm_resampler'\]"):
         load(path)
+
+
+# damaged checkpoints: found, named, skipped for the one before, never deleted -----------------------------
+
+@pytest.fixture(scope="module")
+def two_checkpoints(train, tmp_path_factory):
+    """A run's out_dir with checkpoints at steps 2 and 4."""
+    return train(tmp_path_factory.mktemp("two"), max_iters=4, eval_interval=2, keep_last=3, eval_data_path="").out_dir
+
+
+def damaged(two_checkpoints, tmp_path, how):
+    out = tmp_path / "out"
+    shutil.copytree(two_checkpoints, out)
+    how(out / "ckpt-0000004")
+    return out
+
+
+def cut_in_half(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGES = {"weights cut short": (lambda c: cut_in_half(c / "model.safetensors"), "model.safetensors holds"),
+           "state.json missing": (lambda c: (c / "state.json").unlink(), "state.json is missing"),
+           "a byte of an optimizer shard": (lambda c: flip_a_byte(next((c / "optimizer").glob("*.distcp"))),
+                                            "has changed since it was written"),
+           "config.json broken": (lambda c: (c / "config.json").write_text("{not json"), "config.json holds"),
+           "complete.json broken": (lambda c: (c / "complete.json").write_text("{"), "complete.json is unreadable")}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGES))
+def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_it_taken(two_checkpoints, tmp_path, kind):
+    from checkpoint import find_checkpoint
+    how, says = DAMAGES[kind]
+    out = damaged(two_checkpoints, tmp_path, how)
+    warnings = []
+    assert find_checkpoint("resume", str(out), warnings.append) == str(out / "ckpt-0000002")
+    assert len(warnings) == 1 and str(out / "ckpt-0000004") in warnings[0] and says in warnings[0], warnings
+    assert (out / "ckpt-0000004").exists()  # never deleted
+
+
+def test_resume_after_damage_goes_on_from_the_checkpoint_before(two_checkpoints, train, tmp_path):
+    out = damaged(two_checkpoints, tmp_path, lambda c: cut_in_half(c / "model.safetensors"))
+    run = train(out, init_from="resume", max_iters=4, eval_interval=2, keep_last=3, eval_data_path="")
+    assert "ckpt-0000004 is damaged (model.safetensors holds" in run.stdout and sorted(run.steps) == [3, 4]
+
+
+def test_checkpoints_are_the_runs_own_folders_by_step(two_checkpoints, tmp_path):
+    from checkpoint import checkpoints, find_checkpoint
+    out = tmp_path / "out"
+    shutil.copytree(two_checkpoints, out)
+    shutil.copytree(out / "ckpt-0000002", out / "ckpt-best")  # a copy kept by hand: not the run's
+    shutil.copytree(out / "ckpt-0000002", out / "ckpt-10")  # ckpt-<step>, whatever its width, by step number
+    (out / "ckpt-0000006.tmp").mkdir()  # a save cut short
+    assert [os.path.basename(p) for p in checkpoints(str(out))] == ["ckpt-0000002", "ckpt-0000004", "ckpt-10"]
+    assert find_checkpoint("resume", str(out)) == str(out / "ckpt-10")
+
+
+def test_sample_eval_and_export_skip_a_damaged_checkpoint_and_load_names_it(two_checkpoints, shapes, tmp_path):
+    from checkpoint import newest
+    out = damaged(two_checkpoints, tmp_path, lambda c: cut_in_half(c / "model.safetensors"))
+    assert newest(str(out), lambda m: None) == str(out / "ckpt-0000002")
+    proc = run_script([sys.executable, "eval.py", f"--out_dir={out}", f"--eval_data_path={shapes}/val_questions.json",
+                       f"--eval_image_folder={shapes}"])
+    assert "ckpt-0000004 is damaged (model.safetensors holds" in proc.stderr and "wrote" in proc.stdout
+    image = next((shapes / "images").glob("val_*.png"))
+    proc = run_script([sys.executable, "sample.py", f"--out_dir={out}", f"--image={image}", "--max_new_tokens=4"])
+    assert "ckpt-0000004 is damaged (model.safetensors holds" in proc.stderr
+    proc = run_script([sys.executable, "export.py", f"--out_dir={out}", f"--merged_dir={tmp_path / 'merged'}"])
+    assert "ckpt-0000004 is damaged (model.safetensors holds" in proc.stderr and (tmp_path / "merged").is_dir()
+    with pytest.raises(ValueError, match=r"ckpt-0000004: a damaged checkpoint: model.safetensors holds"):
+        load(out / "ckpt-0000004")
+    (out / "ckpt-0000002" / "complete.json").unlink()  # as checkpoints from before complete.json
+    (out / "ckpt-0000002" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"ckpt-0000002/config.json: not valid JSON"):
+        load(out / "ckpt-0000002")

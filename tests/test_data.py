@@ -6,6 +6,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from conversation import IGNORE_INDEX, tokenize
@@ -19,6 +21,8 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 def shards(tmp_path, tokenizer, data_path, image_folder, version="vicuna_v1", num_image_tokens=4, model_max_length=2048,
            name="shards", regions=None, **kw):
     out = str(tmp_path / name)
+    # these files are mostly bad records on purpose: any share of them may be skipped, unless a test says
+    kw.setdefault("max_skipped", 1.0)
     preprocess(str(data_path), str(image_folder), out, tokenizer, version, num_image_tokens, model_max_length,
                num_proc=kw.pop("num_proc", 1), quiet=True, regions=regions, **kw)
     return ShardDataset(out, 32, CLIP_MEAN, CLIP_STD, tokenizer=tokenizer, version=version,
@@ -71,6 +75,8 @@ BAD = {  # name: (record fields over GOOD, or a whole non-record; the reason: it
     "not an image": ({"image": "junk.png"}, "unreadable image: "),
     "truncated image": ({"image": "half.png"}, "unreadable image: "),
     "zero-size image": ({"image": "empty.png"}, "empty image file: "),
+    "image outside the folder": ({"image": "../outside.png"}, "image outside the folder: '../outside.png' is "),
+    "absolute image path": ({"image": "/etc/x.png"}, "image outside the folder: '/etc/x.png' is /etc/x.png, outside "),
     "image in a reply": ({"conversations": [{"from": "human", "value": "What?"},
                                             {"from": "gpt", "value": "<image> red"}]},
                          "cannot hold"),
@@ -294,6 +300,64 @@ def test_many_processes_make_the_same_shards(shapes, tokenizer, tmp_path):
               "skipped.jsonl"):
         assert open(os.path.join(one.path, f), "rb").read() == open(os.path.join(two.path, f), "rb").read(), f
     assert one.manifest == two.manifest
+
+
+def test_images_outside_their_folder_are_skipped_unless_allowed(shapes, tokenizer, tmp_path):
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    os.symlink(shapes / "images", folder / "images")  # a link inside the folder is the folder's: allowed
+    (tmp_path / "outside.png").write_bytes((shapes / "images" / "train_000000.png").read_bytes())
+    outside = ["../outside.png", str(tmp_path / "outside.png"), "sub/../../outside.png"]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([GOOD] + [{**GOOD, "id": f"out{i}", "image": n} for i, n in enumerate(outside)]
+                               + [{**GOOD, "id": "in", "image": "sub/../images/train_000001.png"}]))
+    d = shards(tmp_path, tokenizer, path, folder)
+    assert len(d) == 2 and d.skipped == 3 and d.manifest["skipped_by_kind"] == {"image outside the folder": 3}
+    for s, name in zip(skipped(d), outside):
+        assert s["reason"] == (f"image outside the folder: {name!r} is {tmp_path / 'outside.png'}, outside {folder} "
+                               "(allow_outside_images=True reads it)"), s
+    allowed = shards(tmp_path, tokenizer, path, folder, name="allowed", allow_outside_images=True)
+    assert len(allowed) == 5 and allowed.skipped == 0 and allowed.manifest["allow_outside_images"] is True
+    assert torch.equal(allowed[1]["pixel_values"], d[0]["pixel_values"])  # the same picture, read from outside
+    assert len(shards(tmp_path, tokenizer, path, folder, name="allowed")) == 2  # a setting of the shards: made again
+
+
+def damage(f, how):
+    """Damage a shard file -> what the error should say of it."""
+    size = os.path.getsize(f)
+    if how == "half":
+        os.truncate(f, size // 2)
+        return f"holds {size // 2} bytes, but should hold {size}"
+    if how == "a byte more":
+        with open(f, "ab") as fh:
+            fh.write(b"x")
+        return f"holds {size + 1} bytes, but should hold {size}"
+    if how == "an entry fewer":
+        a = np.load(f)
+        np.save(f, a[:-1])
+        return f"holds {len(a) - 1} "
+    os.truncate(f, size - 4)  # "cut short": less data than its header says
+    return "not a readable array"
+
+
+@pytest.mark.parametrize("name, how", [("ids.bin", "half"), ("trained.bin", "half"), ("regions.bin", "a byte more"),
+                                       ("lengths.npy", "an entry fewer"), ("sources.npy", "an entry fewer"),
+                                       ("offsets.npy", "an entry fewer"), ("image_index.npy", "an entry fewer"),
+                                       ("region_offsets.npy", "an entry fewer"), ("images.npy", "an entry fewer"),
+                                       ("offsets.npy", "cut short")])
+def test_shard_files_that_disagree_with_the_manifest_are_refused_naming_the_file(shapes, tokenizer, tmp_path, name,
+                                                                                  how):
+    # half of ids.bin used to train until a batch reached the cut, then fail in numpy, naming no file
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([GOOD, {**GOOD, "id": "g2"}, {**GOOD, "id": "g3"}]))
+    d = shards(tmp_path, tokenizer, path, shapes)
+    f = os.path.join(d.path, name)
+    said = damage(f, how)
+    with pytest.raises(ValueError) as e:
+        ShardDataset(d.path, 32, CLIP_MEAN, CLIP_STD)
+    msg = str(e.value)
+    assert msg.startswith(f"{f} ") or msg.startswith(f"{f}:"), msg
+    assert said in msg and f"remake the shards: delete {d.path} and run again, or python data.py --out={d.path}" in msg
 
 
 def test_an_image_deleted_after_preprocessing_is_an_error_naming_it(shapes, tokenizer, tmp_path):
@@ -534,3 +598,69 @@ def test_fit_xy_is_where_fit_puts_a_pixel(mode):
             assert abs(cx - fx) <= 0.5 and abs(cy - fy) <= 0.5, (w, h, x, y, cx, cy, fx, fy)
 
 
+
+
+def test_a_source_that_loses_most_of_its_records_stops_preprocessing(shapes, tokenizer, tmp_path):
+    """One of two image folders wrong: its records are all skipped, and the run stops instead of training on
+    the other file alone; a source that loses a few is fine, unless more than max_skipped."""
+    records = json.loads((shapes / "train.json").read_text())[:10]
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    (tmp_path / "b.json").write_text(json.dumps(records[:9] + [{**records[9], "image": "images/none.png"}]))
+    data = f"{tmp_path}/a.json,{tmp_path}/b.json"
+    with pytest.raises(ValueError, match=r"b.json: no usable record, all 10 skipped \(is its image folder .*wrong "
+                                         r"right\?\)"):
+        preprocess(data, f"{shapes},{tmp_path}/wrong", str(tmp_path / "s1"), tokenizer, "vicuna_v1", 4, num_proc=1,
+                   quiet=True)
+    manifest = preprocess(data, str(shapes), str(tmp_path / "s2"), tokenizer, "vicuna_v1", 4, num_proc=1, quiet=True)
+    assert manifest["records_per_source"] == [10, 9] and manifest["skipped_per_source"] == [0, 1]
+    with pytest.raises(ValueError, match="b.json: 1 of its 10 records skipped, more than max_skipped=0.05"):
+        preprocess(data, str(shapes), str(tmp_path / "s2"), tokenizer, "vicuna_v1", 4, num_proc=1, quiet=True,
+                   max_skipped=0.05)  # shards already made are checked too
+
+
+# fuzz: whatever a JSON file holds, each record is kept or skipped with a reason, never a crash -------------
+
+import data  # noqa: E402
+
+_text = st.one_of(st.text(max_size=40), st.sampled_from(["", "x" * 5000, "<image>\nWhat is it?", "<image><image>",
+                                                         "It is at <bbox_location0>.", "<region_fea>", "\x00\ud7ff"]))
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | _text,
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                 max_size=4), max_leaves=10)
+_role = st.sampled_from(["human", "gpt", "system", "user", "assistant", "robot", None, 3])
+_message = st.fixed_dictionaries({}, optional={"from": _role, "role": _role, "value": _text | _json,
+                                               "content": _text | _json})
+_image = st.sampled_from(["good.png", "noise.png", "empty.png", "cut.png", "missing.png", "../good.png", "/good.png"])
+_record = st.one_of(_json, st.fixed_dictionaries({}, optional={
+    "id": _json, "image": _image | st.lists(_image, max_size=2) | _json,
+    "conversations": st.lists(_message, max_size=4) | _json, "messages": st.lists(_message, max_size=3),
+    "box_x1y1x2y2": st.lists(st.lists(st.lists(st.integers(-5, 60), max_size=5), max_size=2), max_size=4) | _json,
+    "image_w": st.integers(-1, 60) | _json, "image_h": st.integers(-1, 60) | _json, "masks": _json}))
+
+
+@pytest.fixture(scope="module")
+def fuzz_folder(tmp_path_factory):
+    """Images good and bad: a real PNG, random bytes, an empty file, a PNG cut short; and a real one outside."""
+    folder = tmp_path_factory.mktemp("fuzz") / "images"
+    folder.mkdir()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / "good.png")
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(folder.parent / "good.png")  # '../good.png': a skip
+    (folder / "noise.png").write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "cut.png").write_bytes((folder / "good.png").read_bytes()[:60])
+    return folder
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(record=_record)
+def test_any_record_is_kept_or_skipped_with_a_reason(tokenizer, fuzz_folder, record):
+    data._worker.update(tokenizer=tokenizer, folders=[str(fuzz_folder)], templates=["vicuna_v1"], num_image_tokens=4,
+                        max_len=64, regions={"add_region_feature": False, "no_coor": False,
+                                             "point_input_sample": "center"}, allow_outside_images=False)
+    _, _, _, result, _ = data.prepare_item((0, "fuzz.json:0", record))
+    if isinstance(result, Skip):  # 'kind' or 'kind: details', as the summary counts them
+        assert str(result).split(":")[0].strip(), result
+    else:
+        ids, trained, paths, _ = result
+        assert len(ids) == len(trained) and trained.any() and len(ids) <= 64 + len(paths) * 4
+        assert all(os.path.commonpath([p, str(fuzz_folder)]) == str(fuzz_folder) for p in paths)

@@ -1,12 +1,15 @@
 """model.py: towers, projectors, the loss against a full-logits reference, image placement, generation
 with and without a KV cache, embedding resizing (save/load: test_checkpoint.py; regions: test_ferret.py)."""
 import json
+import logging
+from contextlib import contextmanager
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_LLM, TINY_TOWER
 from transformers import AutoModelForCausalLM, CLIPConfig, CLIPModel
+from transformers.utils import logging as hf_logging
 
 from conversation import tokenize
 from data import ShardDataset, collate, preprocess
@@ -263,6 +266,25 @@ def prompts(shapes, tokenizer, model, n):
     return ids, pixels
 
 
+# transformers deprecates a keyword with a FutureWarning (past_key_values -> cache, dropped in 5.40, after which
+# it would be ignored silently): an error in the generation tests, so that generate keeps to the current API
+NO_DEPRECATIONS = pytest.mark.filterwarnings("error::FutureWarning")
+
+
+@contextmanager
+def transformers_log():
+    """transformers' log records while inside, its once-per-process notices too: reading an output's
+    past_key_values is deprecated with a log line, not a warning."""
+    records, handler = [], logging.Handler()
+    handler.emit = records.append
+    logging.Logger.warning_once.cache_clear()  # transformers' lru_cache: a notice given before is given again
+    hf_logging.add_handler(handler)
+    try:
+        yield records
+    finally:
+        hf_logging.remove_handler(handler)
+
+
 def greedy_without_cache(model, ids, pixels, n):
     """Recompute the whole sequence for every new token: no KV cache, no padding."""
     emb = model.embed(torch.tensor([ids]), pixels[None])
@@ -286,6 +308,7 @@ def gen_model(tokenizer, request):
     return make_model(tokenizer, seed=3, model_name_or_path=llm)
 
 
+@NO_DEPRECATIONS
 @torch.no_grad()
 def test_generate_with_cache_equals_recomputation(shapes, tokenizer, gen_model):
     ids, pixels = prompts(shapes, tokenizer, gen_model, 2)
@@ -297,6 +320,7 @@ def test_generate_with_cache_equals_recomputation(shapes, tokenizer, gen_model):
         assert len(set(ref)) > 2  # not a degenerate repetition that any position error would also produce
 
 
+@NO_DEPRECATIONS
 @torch.no_grad()
 def test_left_padded_batch_equals_rows(shapes, tokenizer, gen_model):
     ids, pixels = prompts(shapes, tokenizer, gen_model, 6)
@@ -313,6 +337,7 @@ def test_left_padded_batch_equals_rows(shapes, tokenizer, gen_model):
         assert batched[i].tolist() == row[0].tolist(), i
 
 
+@NO_DEPRECATIONS
 @torch.no_grad()
 def test_generate_stops_and_repeats_the_stop_token(shapes, tokenizer, gen_model):
     ids, pixels = prompts(shapes, tokenizer, gen_model, 3)
@@ -326,6 +351,7 @@ def test_generate_stops_and_repeats_the_stop_token(shapes, tokenizer, gen_model)
     assert out.tolist() == free[:first + 1].tolist()  # a single row stops right after its stop token
 
 
+@NO_DEPRECATIONS
 @torch.no_grad()
 def test_generate_stops_at_a_stop_sequence(shapes, tokenizer, gen_model):
     ids, pixels = prompts(shapes, tokenizer, gen_model, 2)
@@ -347,12 +373,28 @@ def test_generate_stops_at_a_stop_sequence(shapes, tokenizer, gen_model):
     assert out[1, :rows_end[1] + 1].tolist() == free[1, :rows_end[1] + 1].tolist()
 
 
+@NO_DEPRECATIONS
 def test_sampling_is_reproducible_with_a_generator(shapes, tokenizer, gen_model):
     ids, pixels = prompts(shapes, tokenizer, gen_model, 1)
     args = (torch.tensor(ids), torch.ones(1, len(ids[0]), dtype=torch.long), pixels, 8, 1.0, 0.9, ())
     a = gen_model.generate(*args, generator=torch.Generator().manual_seed(0))
     b = gen_model.generate(*args, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
+
+
+@NO_DEPRECATIONS
+@pytest.mark.parametrize("family", list(LLMS))
+@torch.no_grad()
+def test_generate_passes_the_cache_by_its_current_name_for_each_llm(shapes, tokenizer, family):
+    """Every family takes generate's KV cache as `cache` (no deprecated keyword, no deprecated output field
+    read), and the cache still gives the tokens of recomputation."""
+    model = make_model(tokenizer, seed=3, model_name_or_path={**LLMS[family], "initializer_range": 0.3})
+    ids, pixels = prompts(shapes, tokenizer, model, 1)
+    with transformers_log() as logged:
+        got = model.generate(torch.tensor(ids), torch.ones(1, len(ids[0]), dtype=torch.long), pixels,
+                             max_new_tokens=6)
+    assert not [r.getMessage() for r in logged if "deprecated" in r.getMessage()]
+    assert got[0].tolist() == greedy_without_cache(model, ids[0], pixels[0], 6)
 
 
 # embeddings -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import json
 import math
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -217,3 +218,110 @@ def test_default_recipe_captions_then_chat(train, shapes, tmp_path):
                                                    hidden_sizes=[8, 16], depths=[1, 1]), max_iters=4, eval_data_path="")
     assert "train: 288 records" in run.stdout and "64 tokens per image" in run.stdout
     assert sorted(run.steps) == [1, 2, 3, 4] and all(math.isfinite(v) for v in run.losses().values())
+
+
+# what clusters do to a run: preemption, a second run on one out_dir, bad settings -----------------------
+
+def test_sigterm_checkpoints_the_last_step_and_the_resumed_run_goes_on_exactly(shapes, train, tmp_path):
+    """SLURM's preemption: SIGTERM mid-run (no checkpoint due before the end) saves the step it is in and
+    exits saying how to resume; the resumed run's losses are those of a run never stopped."""
+    from conftest import output, start_script, train_args, wait_for
+    args = dict(max_iters=12, eval_interval=1000, eval_data_path="")
+    proc = start_script([sys.executable, "train.py"] + train_args(shapes, tmp_path / "run", **args))
+    wait_for(proc, r"^step 3/12 ")
+    proc.send_signal(signal.SIGTERM)
+    text = output(proc)
+    assert proc.returncode == 75, text
+    stop = re.search(r"stopped by a signal at step (\d+): (\S+) holds the run; the same command with "
+                     r"--init_from=resume goes on", text)
+    step = int(stop[1])
+    assert 3 <= step < 12 and stop[2].endswith(f"ckpt-{step:07d}")
+    assert not (tmp_path / "run" / "lock").exists()
+    resumed = train(tmp_path / "run", init_from="resume", **args)
+    full = train(tmp_path / "full", **args)
+    assert sorted(resumed.steps) == list(range(step + 1, 13))
+    assert all(resumed.steps[s]["loss"] == full.steps[s]["loss"] for s in resumed.steps)
+
+
+def test_a_second_signal_stops_at_once():
+    # the handler train.py installs, with real signals: the first asks, the second ends the process
+    # (the same signal again at once, as SLURM and torchrun both send it, is still the first)
+    code = ("import os, signal, time\nfrom train_utils import STOP, stop_on_signals\nstop_on_signals()\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\nos.kill(os.getpid(), signal.SIGUSR1)\ntime.sleep(1.5)\n"
+            "assert [s for s, _ in STOP] in ([signal.SIGUSR1], [signal.SIGUSR1] * 2), STOP\n"
+            "print('asked', flush=True)\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(5)\nprint('still here')")
+    proc = run_script([sys.executable, "-c", code], check=False)
+    assert proc.stdout.strip() == "asked" and proc.returncode == -signal.SIGTERM, proc.stderr
+
+
+def test_a_second_run_on_the_same_out_dir_refuses_and_a_dead_runs_lock_is_taken_over(shapes, tmp_path):
+    from conftest import output, start_script, train_args, wait_for
+    first = start_script([sys.executable, "train.py"] + train_args(shapes, tmp_path / "run", max_iters=10_000))
+    wait_for(first, r"^step 2/")
+    second = run_script([sys.executable, "train.py"] + train_args(shapes, tmp_path / "run"), check=False)
+    assert second.returncode != 0 and f"in use by another run: process {first.pid} on " in second.stderr
+    first.kill()  # SIGKILL: no chance to unlock
+    output(first)
+    assert (tmp_path / "run" / "lock").exists()
+    third = run_script([sys.executable, "train.py"] + train_args(shapes, tmp_path / "run", max_iters=2,
+                                                                 eval_data_path=""))
+    assert "step 2/2" in third.stdout and not (tmp_path / "run" / "lock").exists()
+
+
+def test_a_cut_short_save_is_removed_at_the_start(shapes, tmp_path):
+    from conftest import train_args
+    (tmp_path / "run" / "ckpt-0000009.tmp" / "optimizer").mkdir(parents=True)
+    (tmp_path / "run" / "ckpt-best").mkdir()  # not the run's: left alone
+    run_script([sys.executable, "train.py"] + train_args(shapes, tmp_path / "run", max_iters=2, eval_data_path=""))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["ckpt-0000002", "ckpt-best", "data"]
+
+
+BAD_SETTINGS = [("max_iters", -5, "at least 0"), ("min_lr", 1.0, "above learning_rate"),
+                ("warmup_ratio", 5, "between 0 and 1"), ("batch_size", 0, "at least 1"),
+                ("dtype", "float64", "use one of 'float32'"), ("eval_interval", 0, "at least 1"),
+                ("parallel", "zero3", "use one of 'ddp'"), ("learning_rate", 0.0, "positive"),
+                ("image_aspect_ratio", "stretch", "use one of"), ("mm_projector_lr", -1.0, "positive"),
+                ("lora_enable", True, "cannot also be frozen"), ("beta2", 1.0, "less than 1")]
+
+
+@pytest.mark.parametrize("key, value, says", BAD_SETTINGS)
+def test_each_bad_setting_is_named_before_anything_is_built(key, value, says):
+    from test_configurator import train_defaults
+
+    from train_utils import check_settings
+    config = {**train_defaults(), key: value, **({"tune_mm_mlp_adapter": True} if key == "lora_enable" else {})}
+    with pytest.raises(ValueError, match=re.escape(f"{key}=") + ".*" + re.escape(says)):
+        check_settings(config)
+    check_settings(train_defaults())
+
+
+def test_train_py_checks_its_settings_first(shapes, tmp_path):
+    from conftest import train_args
+    proc = run_script([sys.executable, "train.py"] + train_args(shapes, tmp_path / "run", max_iters=-5), check=False)
+    assert proc.returncode != 0 and "max_iters=-5: must be a number of at least 0" in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing was made
+
+
+def test_non_finite_steps_are_skipped_up_to_max_bad_steps_then_the_run_stops_with_a_checkpoint(train, shapes, tmp_path):
+    # a learning rate that makes the weights overflow after the first step: every later step is non-finite
+    from conftest import train_args
+    proc = run_script([sys.executable, "train.py"] + train_args(shapes, tmp_path / "run", max_iters=20,
+                                                                learning_rate=1e30, warmup_iters=0, grad_clip=0.0,
+                                                                eval_data_path="", max_bad_steps=2), check=False)
+    assert proc.returncode != 0, proc.stdout
+    assert "step 2: a non-finite loss or gradient, not applied (1 of max_bad_steps=2)" in proc.stdout
+    assert "step 3: a non-finite loss or gradient, not applied (2 of max_bad_steps=2)" in proc.stdout
+    stop = re.search(r"FloatingPointError: step 4: .*stopped before the weights are damaged, which (\S+) holds",
+                     proc.stderr)
+    assert stop and stop[1].endswith("ckpt-0000004"), proc.stderr[-2000:]
+    after_step_1 = load_file(f"{stop[1]}/model.safetensors")  # the weights of step 1, never updated since
+    assert all(v.isfinite().all() for v in after_step_1.values())
+
+
+def test_a_non_finite_val_loss_is_never_saved(shapes, tmp_path):
+    from conftest import train_args
+    proc = run_script([sys.executable, "train.py"] + train_args(shapes, tmp_path / "run", max_iters=3, eval_interval=1,
+                                                                learning_rate=1e30, warmup_iters=0, grad_clip=0.0,
+                                                                eval_data_path=""), check=False)
+    assert proc.returncode != 0 and re.search(r"step 1: val loss (nan|inf), not saved; last: None", proc.stderr)
+    assert not list((tmp_path / "run").glob("ckpt-*"))
