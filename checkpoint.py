@@ -13,6 +13,7 @@ get_mm_adapter_state_maybe_zero_3 and maybe_zero_3 are get_model_state_dict with
 the weights gathered from FSDP's shards onto rank 0's CPU.
 """
 import atexit
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import re
 import shutil
 import socket
 import sys
+import time
 import zlib
 from dataclasses import asdict, fields
 
@@ -325,7 +327,7 @@ def lock(out_dir):
     second run stops here, naming the first."""
     os.makedirs(out_dir, exist_ok=True)
     path, me = os.path.join(out_dir, "lock"), {"host": socket.gethostname(), "pid": os.getpid()}
-    while True:
+    for attempt in range(100):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
@@ -333,15 +335,22 @@ def lock(out_dir):
             try:
                 with open(path) as f:
                     other = json.load(f)
-            except (OSError, ValueError):  # being written this instant, or removed: look again
+            except (OSError, ValueError):
                 other = None
+            if not isinstance(other, dict) and attempt < 50:  # being written this instant, or removed: look again
+                time.sleep(0.1)
+                continue
+            other = other if isinstance(other, dict) else {"host": me["host"], "pid": None}  # never written
             # a run that died without unlocking (this very pid: before a restart of the machine or container)
-            if other and other.get("host") == me["host"] and (other.get("pid") == me["pid"] or not alive(other["pid"])):
-                os.remove(path)
-            elif other:
-                raise RuntimeError(f"{out_dir} is in use by another run: process {other.get('pid')} on "
-                                   f"{other.get('host')} holds {path}. Give this run another out_dir, or, if that run "
-                                   "is gone, delete the lock") from None
+            pid = other.get("pid")
+            if other.get("host") == me["host"] and (pid is None or pid == me["pid"] or not alive(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+            raise RuntimeError(f"{out_dir} is in use by another run: process {pid} on {other.get('host')} holds "
+                               f"{path}. Give this run another out_dir, or, if that run is gone, delete the lock")
+    else:
+        raise RuntimeError(f"{path}: cannot take the lock (another run keeps taking it)")
     with os.fdopen(fd, "w") as f:
         json.dump(me, f)
     atexit.register(unlock, out_dir)

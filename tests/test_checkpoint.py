@@ -213,3 +213,18 @@ def test_sample_eval_and_export_skip_a_damaged_checkpoint_and_load_names_it(two_
     (out / "ckpt-0000002" / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"ckpt-0000002/config.json: not valid JSON"):
         load(out / "ckpt-0000002")
+
+
+def test_a_lock_of_this_pid_is_stale_and_another_hosts_is_refused(tmp_path):
+    import socket
+
+    from checkpoint import lock, unlock
+    (tmp_path / "lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))  # before a restart
+    lock(tmp_path)
+    assert json.loads((tmp_path / "lock").read_text())["pid"] == os.getpid()
+    unlock(tmp_path)
+    assert not (tmp_path / "lock").exists()
+    (tmp_path / "lock").write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    with pytest.raises(RuntimeError, match="in use by another run: process 1 on elsewhere holds"):
+        lock(tmp_path)
+    assert (tmp_path / "lock").exists()  # left for its owner
