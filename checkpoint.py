@@ -95,9 +95,9 @@ def damage(path, checksums=True, names=None):
         return f"{missing[0]} is missing" if missing else None
     try:
         with open(manifest) as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError) as e:
-        return f"complete.json is unreadable ({e})"
+            files = {name: (int(size), int(crc)) for name, (size, crc) in json.load(f)["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"complete.json is unreadable ({type(e).__name__}: {e})"
     for name, (size, crc) in files.items():
         if names is not None and name not in names:
             continue
