@@ -196,8 +196,10 @@ def bench_data_memory(sizes=(10_000, 1_000_000), batches=300, batch=8, workers=2
             return len(self.inner)
 
         def __getitem__(self, i):
-            if not hasattr(self, "collected"):  # a full garbage collection, as a long run has now and then: it
-                gc.collect()  # writes to every Python object, so the worker's copy-on-write pages become its own
+            # a full garbage collection, as a long run has now and then: it writes to every Python object, so the
+            # worker's copy-on-write pages become its own
+            if not hasattr(self, "collected"):
+                gc.collect()
                 self.collected = True
             self.inner[i]
             return worker_memory()
