@@ -206,9 +206,10 @@ def load_projector(model, path):
     .safetensors file, or LLaVA's mm_projector.bin (tensors only: torch.load with weights_only=True). The
     keys are those that end in mm_projector.<name>; names and shapes must fit this model's projector."""
     if os.path.isdir(path) and checkpoints(path):  # a run's out_dir: its newest whole checkpoint
-        if newest(path, names=WEIGHTS) is None:
+        whole = newest(path, names=WEIGHTS)
+        if whole is None:
             raise ValueError(f"pretrain_mm_mlp_adapter={path}: none of its checkpoints is whole")
-        path = newest(path, lambda message: None, WEIGHTS)
+        path = whole
     if os.path.isdir(path):  # what trained in that run alone if it was written, else the whole model
         trainable = os.path.join(path, "trainable.safetensors")
         path = trainable if os.path.exists(trainable) else os.path.join(path, "model.safetensors")
