@@ -6,6 +6,7 @@ the figures with the command, machine and date. Nothing here is asserted by a te
     python bench.py --what=preprocess    # one of them (names: the functions below, without bench_)
 """
 import os
+import re
 import sys
 import time
 
@@ -13,6 +14,7 @@ import configurator
 
 what = "all"  # which benchmark to run: 'all' or a name below
 seed = 1337
+out_dir = "out-shapes"  # the trained run that bench_probe reads
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -370,8 +372,106 @@ def bench_parallel(steps=3, width=512, layers=8, batch_size=48, nproc=2):
             print(f"| {name} | {ac} | {float(m[4]):.2f} GiB | {m[1]} | {m[2]}{m[3] or ''} |")
 
 
+def patch_labels(path, caption, grid, colors):
+    """The shapes image's patches on a grid x grid raster (the image tokens' order): for each patch whose
+    center pixel is an object's (its color near one of colors), (patch index, color, that object's shape),
+    the shape read from the caption ('a red circle and a blue square.')."""
+    import numpy as np
+    from PIL import Image
+    shape_of = {c: s for c, s in re.findall(r"an? (\w+) (\w+)", caption)}
+    img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+    out = []
+    for k in range(grid * grid):
+        y, x = (int((v + 0.5) * img.shape[0] / grid) for v in divmod(k, grid))
+        dist = {c: np.abs(img[y, x] - rgb).sum() for c, rgb in colors.items()}
+        color = min(dist, key=dist.get)
+        if dist[color] < 60 and color in shape_of:
+            out.append((k, color, shape_of[color]))
+    return out
+
+
+def linear_probe(x_train, y_train, x_test, y_test, steps=300):
+    """Logistic regression (full batch, AdamW, standardized inputs) -> accuracy on the test set."""
+    import torch
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    n_classes = int(max(y_train.max(), y_test.max())) + 1
+    probe = torch.nn.Linear(x_train.shape[1], n_classes)
+    opt = torch.optim.AdamW(probe.parameters(), lr=0.05, weight_decay=1e-2)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(probe(x_train), y_train)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (probe(x_test).argmax(-1) == y_test).float().mean().item()
+
+
+def bench_probe(data="data/shapes", n_train=1500):
+    """What a trained shapes model knows at each image patch (issue: 'What color is the circle?' needs the
+    circle's patches found by their shape): a linear probe of the patch's color and of its object's shape,
+    from the tower's features, the projector's output, and the LLM's hidden state at the patch's image token
+    after each layer (the image read under the chat template, before any question). Over the patches whose
+    center lies in an object; fitted on n_train train images, scored on the val images. Chance: color 1/6,
+    shape 1/3 (a model that has the shape in every patch of its object scores 1)."""
+    import json
+
+    import torch
+
+    from checkpoint import WEIGHTS, load, newest
+    from conversation import chat_template, tokenize
+    from data import image_tensor, open_image
+    from sample import image_args
+    sys.path.insert(0, os.path.join(data))
+    from prepare import COLORS, SHAPES
+    ckpt = newest(out_dir, names=WEIGHTS)
+    if ckpt is None:
+        print(f"no checkpoint in {out_dir}: train one first (python train.py), or name it: --out_dir=...")
+        return
+    model, config = load(ckpt)
+    model.eval()
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    template = chat_template(config["train"]["version"])
+    prompt = tokenize(template, [{"from": "human", "value": "<image>\nWhat color is the circle?"}], tokenizer,
+                      model.num_image_tokens)[0]
+    ids = torch.tensor([prompt])
+    positions = (ids[0] == model.image_token_id).nonzero().squeeze(1)
+    grid = int(model.num_image_tokens ** 0.5)
+    args = image_args(model, config["train"])
+    colors, shapes = list(COLORS), SHAPES
+    sets = {}
+    for split, limit in (("train", n_train), ("val", None)):
+        records = [r for r in json.load(open(os.path.join(data, f"{split}.json"))) if r["id"].endswith("_caption")]
+        feats, labels = {}, []
+        for r in records[:limit]:
+            path = os.path.join(data, r["image"])
+            patches = patch_labels(path, r["conversations"][1]["value"], grid, COLORS)
+            if not patches:
+                continue
+            with torch.no_grad():
+                pixels = image_tensor(open_image(path), *args).unsqueeze(0)
+                tower, projected = model.encode_images(pixels)
+                emb = model.embed(ids, pixels)
+                hidden = model.llm.base_model(inputs_embeds=emb, output_hidden_states=True).hidden_states[1:]
+            index = torch.tensor([k for k, _, _ in patches])
+            layers = {"tower": tower[0], "projector": projected[0],
+                      **{f"LLM layer {i + 1}": h[0, positions] for i, h in enumerate(hidden)}}
+            for name, f in layers.items():
+                feats.setdefault(name, []).append(f[index].float())
+            labels += [(colors.index(c), shapes.index(s)) for _, c, s in patches]
+        sets[split] = ({k: torch.cat(v) for k, v in feats.items()}, torch.tensor(labels))
+    (train_x, train_y), (val_x, val_y) = sets["train"], sets["val"]
+    print(f"{ckpt}: {len(train_y)} train patches ({n_train} images), {len(val_y)} val patches; chance: color "
+          f"1/{len(colors)}, shape 1/{len(shapes)}")
+    print("| features | color | its object's shape |")
+    print("|---|---|---|")
+    for name in train_x:
+        acc = [linear_probe(train_x[name], train_y[:, j], val_x[name], val_y[:, j]) for j in (0, 1)]
+        print(f"| {name} | {acc[0]:.3f} | {acc[1]:.3f} |")
+
+
 if __name__ == "__main__":
-    globals().update(configurator.configure(dict(what=what, seed=seed), sys.argv[1:]))
+    globals().update(configurator.configure(dict(what=what, seed=seed, out_dir=out_dir), sys.argv[1:]))
     names = [n[len("bench_"):] for n in list(globals()) if n.startswith("bench_")]
     for name in names if what == "all" else [what]:
         if name not in names:

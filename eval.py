@@ -37,11 +37,17 @@ def is_correct(prediction, answer):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, path, image_folder, template, image_aspect_ratio, batch_size=100, max_new_tokens=32,
-             no_coor=False):
-    """-> {type: accuracy, ..., "n_questions": {type: count}}. no_coor: regions as their token alone (as trained)."""
+             no_coor=False, per_type=None):
+    """-> {type: accuracy, ..., "n_questions": {type: count}}. no_coor: regions as their token alone (as trained);
+    per_type: the first questions of each type only (train.py's curves)."""
     from sample import ask, image_args
     with open(path) as f:
         questions = json.load(f)
+    if per_type:
+        by_type = {}
+        for q in questions:
+            by_type.setdefault(q["type"], []).append(q)
+        questions = [q for qs in by_type.values() for q in qs[:per_type]]
     was_training = model.training
     model.eval()
     right, total = {}, {}

@@ -121,7 +121,7 @@ def place_regions(record, messages, rng, add_region_feature=True, no_coor=False,
     <region_fea> tokens, each {"kind": "box" | "point", "box", "point", "segment"} in pixels of image_w x
     image_h. A human message's regions are all boxes or all points (form, or drawn 50/50 per message, as
     Ferret does); without add_region_feature they are their coordinates only, and with no_coor their token
-    alone. A box partly outside the image is clamped to it (as Ferret does); one wholly outside is a skip."""
+    alone (the region's features carry where it is); a reply's boxes are always text. A box partly outside the image is clamped to it (as Ferret does); one wholly outside is a skip."""
     w, h, boxes = record.get("image_w"), record.get("image_h"), record["box_x1y1x2y2"]
     if not (isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 0 and h > 0):
         raise BadRegion("bad box: boxes given without a positive image_w and image_h")
@@ -150,8 +150,8 @@ def place_regions(record, messages, rng, add_region_feature=True, no_coor=False,
             i = int(match[1])
             if i >= len(turn):
                 raise BadRegion(f"bad placeholder: {match[0]} in message {j}, which has {len(turn)} boxes")
-            if not human:  # a reply writes the box
-                return "" if no_coor else region_text({"kind": "box", "box": turn[i]}, w, h)
+            if not human:  # its box as text, no_coor or not (Ferret's code empties it: a grounding reply says nothing)
+                return region_text({"kind": "box", "box": turn[i]}, w, h)
             segment, mask = (turn_masks[i], decoded[i]) if i < len(turn_masks) else (None, None)
             region = {"kind": kind, "box": turn[i], "segment": segment,
                       "point": sample_point(turn[i], mask, point_input_sample, rng) if kind == "point" else None}

@@ -11,6 +11,7 @@ LLaVA's stage 1 trains the projector only (tune_mm_mlp_adapter=True), stage 2 th
 tower trains with unfreeze_mm_vision_tower=True. Under torchrun the model is replicated (parallel='ddp') or
 sharded (parallel='fsdp': FSDP2, for models that do not fit one device with gradients and optimizer state).
 """
+import json
 import math
 import os
 import sys
@@ -34,10 +35,12 @@ from conversation import IGNORE_INDEX, IMAGE_TOKEN, REGION_TOKEN, add_tokens, ch
 from data import (ShardDataset, collate, epoch_batches, global_batches, make_if_missing, per_source, preprocess,
                   rank_batches, read_manifest)
 from lora import apply_lora, base_checksum, find_targets, has_lora, is_lora
+from eval import evaluate, report
 from model import TOKENIZER_FIELDS, VLM, VLMConfig
+from plot import plot_curves
 from train_utils import (PREEMPTED, STOP, blocks, check_settings, checkpoint_blocks, exit_distributed, gpu_peak_flops,
-                         init_distributed, interval_stats, log_line, reshard, split_batch, stop_on_signals,
-                         train_flops)
+                         init_distributed, interval_stats, log_line, lr_multiplier, split_batch, stage_starts,
+                         stop_on_signals, train_flops, trim_log, val_losses)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -50,6 +53,7 @@ eval_iters = 10  # val batches per val loss
 keep_last = 1  # checkpoints kept in out_dir
 eval_data_path = "data/shapes/val_questions.json"  # questions + answers for eval.py at the end ('' skips)
 eval_image_folder = "data/shapes"
+eval_subset = 50  # questions of each type answered at each eval_interval too, for the curves (0: at the end only)
 wandb_log = False
 wandb_project = "glimpse"
 wandb_run_name = "shapes"
@@ -60,7 +64,7 @@ image_folder = "data/shapes"
 val_data_path = "data/shapes/val.json"
 val_image_folder = "data/shapes"
 version = "plain,vicuna_v1"  # chat template (conversation.py): one for all data files or one per file
-curriculum = True  # the data files one after another (each shuffled), not mixed: captions first (each epoch)
+curriculum = True  # the data files one after another (each shuffled, each a stage with its own lr schedule)
 data_multiple = "1"  # per data file (or one for all): times each record is seen per epoch (Ferret's; 0.5 = half)
 group_by_modality_length = False  # LLaVA's: batches of image or text-only records, each sorted by length
 strict = False  # a bad record is an error instead of a counted skip (data.py lists skips in skipped.jsonl)
@@ -100,7 +104,7 @@ learning_rate = 2e-3
 mm_projector_lr = None  # None: learning_rate
 mm_vision_tower_lr = None  # None: learning_rate
 min_lr = 1e-4  # cosine floor (groups with their own lr keep the same ratio)
-warmup_iters = 0  # 0: warmup_ratio of max_iters
+warmup_iters = 0  # per stage; 0: warmup_ratio of the stage's steps
 warmup_ratio = 0.03
 weight_decay = 0.0
 beta1 = 0.9
@@ -291,11 +295,13 @@ def train_epoch(epoch):
                          train_data.lengths if group_by_modality_length else None, train_data.has_image)
 
 
-n_steps = len(train_epoch(0))
+epoch0 = train_epoch(0)
+n_steps = len(epoch0)
 if n_steps == 0:  # data_multiple=0 for every file
     raise ValueError(f"an epoch has no records: data_multiple={data_multiple} leaves out all {len(train_data)}")
 max_iters = max_iters or n_steps * num_train_epochs
-warmup = warmup_iters or round(warmup_ratio * max_iters)
+# LLaVA's stages are runs of their own: with curriculum each data file's run of steps gets its own schedule
+starts = stage_starts([train_data.sources[b[0]] for b in epoch0] if curriculum else [0], max_iters)
 log(f"train: {len(train_data)} records, {n_steps} steps of {global_batch} per epoch; {max_iters} steps")
 if curriculum and max_iters > n_steps and train_data.n_sources > 1:  # train stages in runs of their own for that
     log(f"warning: curriculum=True for more than one epoch: step {n_steps} goes back to the first data file")
@@ -317,35 +323,26 @@ def train_batches():
         state["epoch"], state["epoch_step"] = state["epoch"] + 1, 0
 
 
-def get_lr(it):
-    """Multiplier of each group's base lr: linear warmup, then cosine down to min_lr / learning_rate."""
-    if it < warmup:
-        return (it + 1) / (warmup + 1)
-    floor = min_lr / learning_rate
-    progress = min(1.0, (it - warmup) / max(1, max_iters - warmup))
-    return floor + 0.5 * (1.0 - floor) * (1.0 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def estimate_val_loss():
-    """Mean val loss over eval_iters fixed batches, and the same with each image moved to the next record
-    of its batch: their gap is how much the model looks at the images (0: it answers from text alone)."""
-    model.eval()
-    batches = rank_batches(global_batches(np.arange(len(val_data)), micro_batch * world), micro_batch, 1, rank, world)
-    sums = torch.zeros(3, device=device)
-    for batch in loader(val_data, batches[:eval_iters]):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the mean over tokens, as in training
-        with autocast:
-            sums[0] += raw_model(batch) * n
-            sums[1] += raw_model({**batch, "pixel_values": batch["pixel_values"].roll(1, 0)}) * n
-        sums[2] += n
+def answer_questions(ckpt_path, per_type=None):
+    """eval.py's accuracy per question type on eval_data_path (per_type: its first questions of each type),
+    on rank 0 alone while the others wait: under FSDP from the checkpoint's gathered weights."""
+    results = {}
+    if master:
+        eval_model = load(ckpt_path, device)[0] if fsdp else raw_model
+        results = evaluate(eval_model, tokenizer, eval_data_path, eval_image_folder, chat_template(version),
+                           image_aspect_ratio, no_coor=no_coor, per_type=per_type)
+        record({f"accuracy/{t}": results[t] for t in results["n_questions"]})
     if ddp:
-        dist.all_reduce(sums)
-    if fsdp:  # without a backward, ZeRO-2 units would stay gathered, out of step with the optimizer's shards
-        reshard(raw_model)
-    model.train()  # a frozen tower stays in eval mode (VisionTower.train)
-    return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+        dist.barrier(waits)
+    return results
+
+
+def record(stats):  # out_dir/log.jsonl, one JSON object per line (plot.py draws it), and wandb
+    if master:
+        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps({"step": state["iter"], **stats}) + "\n")
+        if wandb_log:
+            wandb.log(stats, step=state["iter"])
 
 
 def save(keep=keep_last):  # with every process; the LLM frozen (stage 1), what trained alone too (mm_projector.bin)
@@ -355,9 +352,12 @@ def save(keep=keep_last):  # with every process; the LLM frozen (stage 1), what 
 
 
 # training loop -----------------------------------------------------------------
-if master and wandb_log:
-    import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir)
+if master:  # a resumed run's log goes on from its checkpoint's step
+    trim_log(os.path.join(out_dir, "log.jsonl"), state["iter"])
+    if wandb_log:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir)
+record({"stage_starts": starts})
 stop_on_signals()  # preemption: a checkpoint at the next step boundary, then out
 model.train()  # a frozen tower stays in eval mode (VisionTower.train): no dropout, BatchNorm statistics kept
 batches = train_batches()
@@ -367,7 +367,8 @@ start_iter = state["iter"]
 while state["iter"] < max_iters:
     it = state["iter"]
     for g in optimizer.param_groups:
-        g["lr"] = g["base_lr"] * get_lr(it)
+        g["lr"] = g["base_lr"] * lr_multiplier(it, starts, max_iters, warmup_iters, warmup_ratio,
+                                               min_lr / learning_rate)
     # counted on the CPU, before the batches go to the device: no waiting for the device in the loop
     micro_batches = [next(batches) for _ in range(accum)]
     n_tokens = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches]
@@ -409,20 +410,23 @@ while state["iter"] < max_iters:
         stats = interval_stats(loss_sum, counts, time.time() - t_log, optimizer.param_groups[0]["lr"], grad_norm,
                                peak_flops, device)
         log(log_line(state["iter"], max_iters, stats, time.time() - t_start, state["iter"] - start_iter))
-        if wandb_log and master:
-            wandb.log(stats, step=state["iter"])
+        record({**stats, "elapsed_s": round(time.time() - t_start, 2)})  # wall time, evaluations included
         t_log, counts = time.time(), np.zeros(3)
     if state["iter"] % eval_interval == 0 or state["iter"] == max_iters:
         t_eval = time.time()
         if val_data is not None:
-            val, shuffled = estimate_val_loss()
+            fixed = rank_batches(global_batches(np.arange(len(val_data)), micro_batch * world), micro_batch, 1, rank,
+                                 world)[:eval_iters]
+            val, shuffled = val_losses(raw_model, loader(val_data, fixed), device, autocast)
             log(f"step {state['iter']}: val loss {val:.4f}, with shuffled images {shuffled:.4f} "
                 f"(gap {shuffled - val:+.4f})")
-            if wandb_log and master:
-                wandb.log({"val/loss": val, "val/loss_shuffled_images": shuffled}, step=state["iter"])
+            record({"val/loss": val, "val/loss_shuffled_images": shuffled})
             if not math.isfinite(val):  # never saved as a checkpoint
                 raise FloatingPointError(f"step {state['iter']}: val loss {val}, not saved; last: {ckpt_path or ckpt}")
         ckpt_path = save()
+        if eval_subset and eval_data_path and state["iter"] < max_iters:  # the last step gets the whole eval
+            acc = answer_questions(ckpt_path, eval_subset)
+            log(f"step {state['iter']}: accuracy " + ", ".join(f"{t} {acc[t]:.3f}" for t in acc.get("n_questions", [])))
         t_log += time.time() - t_eval  # evaluation and saving are not training time
     if stop:  # preemption, agreed by every process: a checkpoint of this step, then out
         break
@@ -434,15 +438,14 @@ log(f"trained {state['iter'] - start_iter} steps in {(time.time() - t_start) / 6
 if preempted:
     log(f"stopped by a signal at step {state['iter']}: {ckpt_path} holds the run; the same command with "
         "--init_from=resume goes on from there")
-elif master and eval_data_path and ckpt_path:
-    from eval import evaluate, report
-    # generation on rank 0 alone: under FSDP from the checkpoint's gathered weights, not from the shards
-    eval_model = load(ckpt_path, device)[0] if fsdp else raw_model
-    results = evaluate(eval_model, tokenizer, eval_data_path, eval_image_folder, chat_template(version),
-                       image_aspect_ratio, no_coor=no_coor)
-    report(results, os.path.join(out_dir, "eval.json"))
-if wandb_log and master:
-    wandb.finish(exit_code=PREEMPTED * preempted)
+elif eval_data_path and ckpt_path:
+    results = answer_questions(ckpt_path)
+    if master:
+        report(results, os.path.join(out_dir, "eval.json"))
+if master:
+    log(f"curves: {plot_curves(out_dir)}")
+    if wandb_log:
+        wandb.finish(exit_code=PREEMPTED * preempted)
 unlock(out_dir)  # rank 0's, which holds it
 if ddp:
     exit_distributed(PREEMPTED * preempted, waits)

@@ -5,6 +5,8 @@ and of FSDP; activation checkpointing itself; the FLOPs of a step with the devic
 the log line; the preemption signals; and the check of every setting.
 """
 import functools
+import json
+import math
 import os
 import resource
 import signal
@@ -113,6 +115,46 @@ def interval_stats(loss_sum, counts, seconds, lr, grad_norm, peak_flops, device)
             **({"mfu": flops_per_s / (world * peak_flops)} if peak_flops else {})}
 
 
+def stage_starts(sources, max_iters):
+    """The steps below max_iters at which a stage starts: 0, and each step whose records come from another
+    data file than the step before's (curriculum: captions, then conversations, epoch after epoch).
+    sources: the data file of each step of an epoch."""
+    n = len(sources)
+    return [0] + [it for it in range(1, max_iters) if sources[it % n] != sources[(it - 1) % n]]
+
+
+def lr_multiplier(it, starts, max_iters, warmup_iters, warmup_ratio, floor):
+    """Of each group's base lr at step it: linear warmup, then cosine down to floor, within the stage that
+    step it is in (starts: stage_starts); warmup_iters, or else warmup_ratio of the stage's steps."""
+    begin = max(s for s in starts if s <= it)
+    end = min([s for s in starts if s > it] + [max_iters])
+    warmup, t = warmup_iters or round(warmup_ratio * (end - begin)), it - begin
+    if t < warmup:
+        return (t + 1) / (warmup + 1)
+    progress = min(1.0, (t - warmup) / max(1, end - begin - warmup))
+    return floor + 0.5 * (1.0 - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def val_losses(model, batches, device, autocast):
+    """The mean loss over batches, and the same with each image moved to the next record of its batch: their
+    gap is how much the model looks at the images (0: it answers from text alone). Over all processes."""
+    model.eval()
+    sums = torch.zeros(3, device=device)
+    for batch in batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the mean over tokens, as in training
+        with autocast:
+            sums[0] += model(batch) * n
+            sums[1] += model({**batch, "pixel_values": batch["pixel_values"].roll(1, 0)}) * n
+        sums[2] += n
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    reshard(model)  # FSDP: without a backward, ZeRO-2 units would stay gathered, out of step with the optimizer
+    model.train()  # a frozen tower stays in eval mode (VisionTower.train)
+    return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+
+
 def log_line(step, max_iters, stats, elapsed, steps_run):
     """train.py's line of the stats of the last log_interval steps (tests/conftest.py reads it back)."""
     mfu = f", MFU {100 * stats['mfu']:.1f}%" if "mfu" in stats else ""
@@ -121,6 +163,15 @@ def log_line(step, max_iters, stats, elapsed, steps_run):
             f"trained) | {stats['tflops_per_process']:.3g} TFLOP/s per process{mfu} | peak mem "
             f"{stats['peak_memory_gib']:.2f} GiB | {elapsed / 60:.1f} min, "
             f"ETA {(max_iters - step) * elapsed / steps_run / 60:.1f} min")
+
+
+def trim_log(path, step):
+    """Keep the lines of a log.jsonl up to step: those of steps after a resumed checkpoint are done again."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(lines)
 
 
 def init_distributed(device, timeout):

@@ -2,6 +2,7 @@
 image transforms, collation, and the distributed, resumable sampler (every record exactly once per epoch)."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -664,3 +665,22 @@ def test_any_record_is_kept_or_skipped_with_a_reason(tokenizer, fuzz_folder, rec
         ids, trained, paths, _ = result
         assert len(ids) == len(trained) and trained.any() and len(ids) <= 64 + len(paths) * 4
         assert all(os.path.commonpath([p, str(fuzz_folder)]) == str(fuzz_folder) for p in paths)
+
+
+def test_no_shapes_conversation_gives_an_answer_away(shapes):
+    """A turn that names a shape or color present in the image (in its question or answer) shares it with no
+    other turn of the conversation: otherwise 'Is there a red circle?' would tell 'What color is the circle?'
+    asked after it, and the model could copy the answer instead of reading it off the image."""
+    words = {"circle", "square", "triangle", "red", "green", "blue", "yellow", "purple", "orange"}
+    for name in ("train.json", "val.json"):
+        records = json.loads((shapes / name).read_text())
+        captions = {r["id"][:-len("_caption")]: r["conversations"][1]["value"] for r in records
+                    if r["id"].endswith("_caption")}
+        chats = [r for r in records if not r["id"].endswith("_caption")]
+        assert len(chats) == len(captions) and sum(len(r["conversations"]) > 2 for r in chats) > len(chats) / 2
+        for r in chats:
+            present = words & set(re.findall(r"\w+", captions[r["id"]]))
+            msgs = r["conversations"]
+            named = [words & set(re.findall(r"\w+", q["value"] + " " + a["value"])) & present
+                     for q, a in zip(msgs[::2], msgs[1::2])]
+            assert all(not (a & b) for i, a in enumerate(named) for b in named[i + 1:]), (r["id"], msgs)

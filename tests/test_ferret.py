@@ -5,6 +5,7 @@ records with regions, without, and without images train alike on 1 and 2 process
 evaluation's referring and grounding types; a region drawn by sample.py; and export refused for a model
 Llava cannot hold."""
 import json
+import re
 import sys
 
 import numpy as np
@@ -18,7 +19,7 @@ from test_distributed import compare
 from test_model import TOWERS, get_batch, make_model
 
 from checkpoint import load
-from conversation import IGNORE_INDEX, REGION_TOKEN
+from conversation import BOX, IGNORE_INDEX, REGION_TOKEN
 from data import ShardDataset, collate, fit, fit_xy, region_mask
 from ferret import (BadRegion, RegionSampler, decode_segment, farthest_points, features_at, place_regions, sample_point,
                     sample_points)
@@ -154,9 +155,10 @@ def test_placeholders_become_grid_coordinates_and_region_tokens(form):
     assert msgs[1:3] == messages(SCREEN)[1:3]
     assert len(regions) == 1 and regions[0]["kind"] == form and regions[0]["box"] == [445, 524, 692, 632]
     assert regions[0]["point"] == ([568, 578] if form == "point" else None)
-    # no_coor: the token alone (the features must carry the location); without region features, text only
+    # no_coor: a region in is its token alone (its features carry where it is), a box out is still text (Ferret's
+    # code empties it, and a grounding reply with it); without region features, a region in is text only
     msgs, _ = place_regions(SCREEN, messages(SCREEN), rng, no_coor=True, form=form)
-    assert msgs[0]["value"].endswith("widget <region_fea>?") and msgs[3]["value"] == "It is at ."
+    assert msgs[0]["value"].endswith("widget <region_fea>?") and msgs[3]["value"] == "It is at [884, 213, 952, 245]."
     msgs, regions = place_regions(SCREEN, messages(SCREEN), rng, add_region_feature=False, point_input_sample="center",
                                   form=form)
     assert msgs[0]["value"].endswith(f"widget {text}?") and regions == []  # the region's text, as Ferret writes it then
@@ -304,6 +306,19 @@ def test_degenerate_polygons_cover_nothing_and_a_bad_turn_is_a_skip():
     with pytest.raises(BadRegion, match="not a list"):
         place_regions({"image_w": 10, "image_h": 10, "box_x1y1x2y2": [5]}, [{"from": "human", "value": "hi"}], None,
                       form="box")
+
+
+def test_no_coor_keeps_every_shapes_record(shapes, region_tokenizer, tmp_path):
+    """The shapes grounding replies are a box alone ('<bbox_location0>'): emptied, as Ferret's code does with
+    no_coor, every record would be skipped for an empty reply."""
+    d = shards(tmp_path, region_tokenizer, shapes / "ferret_train.json", shapes,
+               regions=dict(add_region_feature=True, no_coor=True))
+    records = json.loads((shapes / "ferret_train.json").read_text())
+    assert d.skipped == 0 and len(d) == len(records)
+    for i in range(20):  # each record: 1-3 regions in, as their token alone, and one grounding reply, its box
+        text = region_tokenizer.decode(d[i]["input_ids"])
+        assert "<region_fea>" in text and not re.search(r"\d\] <region_fea>", text), text
+        assert len(BOX.findall(text)) == 1 and "ASSISTANT: [" in text, text
 
 
 def test_no_coor_needs_region_features(shapes, region_tokenizer, tmp_path):

@@ -156,7 +156,8 @@ def lora_run(train, tmp_path_factory):
 
 def test_checkpoint_holds_adapters_and_the_other_trained_weights(lora_run):
     out = lora_run.out_dir
-    assert sorted(p.name for p in out.iterdir() if p.name != "data") == ["base", "ckpt-0000003", "ckpt-0000006"]
+    assert sorted(p.name for p in out.iterdir()) == ["base", "ckpt-0000003", "ckpt-0000006", "curves.png", "data",
+                                                      "log.jsonl"]
     assert "LoRA r=4 alpha=8 on 14 Linears" in lora_run.stdout
     config = json.loads((out / "ckpt-0000006" / "config.json").read_text())
     c = config["lora"]

@@ -36,7 +36,7 @@ def trained(train, tmp_path_factory):
     """150 steps at a high learning rate (the tiny model then answers from the question type), with the
     default keep_last=1 and the eval at the end."""
     return train(tmp_path_factory.mktemp("trained"), max_iters=150, eval_interval=50, warmup_iters=3,
-                 learning_rate=1e-2)
+                 learning_rate=1e-2, eval_subset=4)
 
 
 def test_loss_decreases(trained):
@@ -54,8 +54,8 @@ def test_loss_decreases(trained):
 
 def test_checkpoints_are_complete(run_a, shapes, tokenizer):
     names = sorted(p.name for p in run_a.out_dir.iterdir())
-    # no .tmp left behind, no eval.json (eval_data_path=''); data: the shards
-    assert names == ["ckpt-0000003", "ckpt-0000006", "data"]
+    # no .tmp left behind, no eval.json (eval_data_path=''); data: the shards; the log and its curves
+    assert names == ["ckpt-0000003", "ckpt-0000006", "curves.png", "data", "log.jsonl"]
     for step in (3, 6):
         ckpt = run_a.out_dir / f"ckpt-{step:07d}"
         files = {p.name for p in ckpt.iterdir()}
@@ -74,7 +74,8 @@ def test_checkpoints_are_complete(run_a, shapes, tokenizer):
 
 
 def test_keep_last_prunes_old_checkpoints(trained):
-    assert sorted(p.name for p in trained.out_dir.iterdir()) == ["ckpt-0000150", "data", "eval.json"]
+    names = ["ckpt-0000150", "curves.png", "data", "eval.json", "log.jsonl"]
+    assert sorted(p.name for p in trained.out_dir.iterdir()) == names
 
 
 def test_checkpoint_loads_and_evaluates_the_same(trained, shapes):
@@ -96,6 +97,37 @@ def test_checkpoint_loads_and_evaluates_the_same(trained, shapes):
         (trained.out_dir / "eval_train.json").replace(trained.out_dir / "eval.json")
 
 
+def log_entries(out_dir, exact=("train/loss", "lr", "grad_norm", "val/loss", "val/loss_shuffled_images")):
+    """out_dir/log.jsonl's lines, with the keys that do not depend on timing (no tokens/s)."""
+    lines = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    return [{"step": e["step"], **{k: e[k] for k in exact if k in e}} for e in lines if set(exact) & set(e)]
+
+
+def test_the_log_holds_every_number_and_the_curves_are_drawn(trained, shapes):
+    lines = [json.loads(line) for line in (trained.out_dir / "log.jsonl").read_text().splitlines()]
+    assert lines[0] == {"step": 0, "stage_starts": [0]}
+    train = {e["step"]: e for e in lines if "train/loss" in e}
+    assert sorted(train) == list(range(1, 151))
+    assert all(round(train[s]["train/loss"], 4) == v["loss"] and f"{train[s]['lr']:.2e}" == f"{v['lr']:.2e}"
+               for s, v in trained.steps.items())
+    val = {e["step"]: (round(e["val/loss"], 4), round(e["val/loss_shuffled_images"], 4)) for e in lines
+           if "val/loss" in e}
+    assert val == trained.val
+    # eval_subset=4 questions of each type at the eval intervals, all 16 of each type at the end
+    accuracy = {e["step"]: e for e in lines if any(k.startswith("accuracy/") for k in e)}
+    assert sorted(accuracy) == [50, 100, 150] and "step 50: accuracy color" in trained.stdout
+    assert all(len(accuracy[s]) == 7 and all(v * 4 == int(v * 4) for k, v in accuracy[s].items() if k != "step")
+               for s in (50, 100))
+    results = json.loads((trained.out_dir / "eval.json").read_text())
+    assert accuracy[150] == {"step": 150, **{f"accuracy/{t}": results[t] for t in results["n_questions"]}}
+    png = (trained.out_dir / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and 10_000 < len(png) < 200_000
+    # plot.py draws any run's log again, the same picture
+    (trained.out_dir / "curves.png").unlink()
+    assert run_script([sys.executable, "plot.py", str(trained.out_dir)]).stdout.strip().endswith("curves.png")
+    assert (trained.out_dir / "curves.png").read_bytes() == png
+
+
 def test_exact_resume(run_a, train, tmp_path):
     """Steps 4-6 of a run resumed from its step-3 checkpoint are those of the uninterrupted run: weights,
     optimizer state, data position and schedule all come back. (The step-3 checkpoint of the 6-step
@@ -104,6 +136,7 @@ def test_exact_resume(run_a, train, tmp_path):
     out = tmp_path / "resumed"
     out.mkdir()
     shutil.copytree(run_a.out_dir / "ckpt-0000003", out / "ckpt-0000003")
+    shutil.copy(run_a.out_dir / "log.jsonl", out)  # steps 4-6 logged by the run that stopped: done again
     resumed = train(out, max_iters=6, eval_interval=3, keep_last=2, eval_data_path="", init_from="resume")
     assert "loading" in resumed.stdout and "ckpt-0000003" in resumed.stdout
     assert sorted(resumed.steps) == [4, 5, 6]
@@ -113,6 +146,7 @@ def test_exact_resume(run_a, train, tmp_path):
     # better than 4 decimals: the final weights are bit for bit the same
     assert same(tensors(out / "ckpt-0000006"), tensors(run_a.out_dir / "ckpt-0000006"))
     assert json.loads((out / "ckpt-0000006" / "state.json").read_text())["epoch_step"] == 6
+    assert log_entries(out) == log_entries(run_a.out_dir)  # each step once, as the uninterrupted run logged it
 
 
 def test_resume_takes_this_runs_learning_rate_and_keeps_its_trained_projector(run_a, train, tmp_path):
@@ -273,7 +307,8 @@ def test_a_cut_short_save_is_removed_at_the_start(shapes, tmp_path):
     (tmp_path / "run" / "ckpt-0000009.tmp" / "optimizer").mkdir(parents=True)
     (tmp_path / "run" / "ckpt-best").mkdir()  # not the run's: left alone
     run_script([sys.executable, "train.py"] + train_args(shapes, tmp_path / "run", max_iters=2, eval_data_path=""))
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["ckpt-0000002", "ckpt-best", "data"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["ckpt-0000002", "ckpt-best", "curves.png", "data",
+                                                                    "log.jsonl"]
 
 
 BAD_SETTINGS = [("max_iters", -5, "at least 0"), ("min_lr", 1.0, "above learning_rate"),

@@ -1,5 +1,7 @@
 """train_utils.py: the blocks that activation checkpointing and FSDP work on, activation checkpointing
 (same loss and gradients, blocks run again in backward), and the FLOP estimate behind the MFU."""
+import json
+
 import pytest
 import torch
 from conftest import TINY_LLM
@@ -85,3 +87,34 @@ def test_train_flops_estimate_is_near_the_counted_flops(shapes, tokenizer, setup
     assert abs(estimate - counted) <= 0.05 * counted, (setup, estimate, counted)
 
 
+
+
+def test_one_stage_is_warmup_then_cosine_to_the_floor():
+    from train_utils import lr_multiplier
+    lr = [lr_multiplier(it, [0], 100, 0, 0.1, 0.05) for it in range(100)]
+    assert lr[0] == pytest.approx(1 / 11) and lr[9] == pytest.approx(10 / 11) and lr[10] == pytest.approx(1.0)
+    assert all(a > b for a, b in zip(lr[10:], lr[11:])) and lr[99] == pytest.approx(0.05, abs=1e-3)
+    assert lr_multiplier(5, [0], 100, 3, 0.1, 0.05) < 1.0 and lr_multiplier(3, [0], 100, 3, 0.1, 0.05) == 1.0
+
+
+def test_each_stage_has_its_own_schedule():
+    """curriculum: captions for 30 steps, conversations for 70, then (a second epoch) captions again."""
+    from train_utils import lr_multiplier, stage_starts
+    starts = stage_starts([0] * 30 + [1] * 70, 150)
+    assert starts == [0, 30, 100, 130] and stage_starts([0, 0, 1], 3) == [0, 2] and stage_starts([0], 5) == [0]
+    lr = [lr_multiplier(it, starts, 150, 0, 0.1, 0.0) for it in range(150)]
+    # warmup_ratio of each stage's steps: 3 of 30, 7 of 70, 2 of the last 20
+    assert lr[0] == lr[100] == 1 / 4 and lr[30] == 1 / 8 and lr[130] == 1 / 3 and lr[3] == lr[37] == lr[132] == 1.0
+    assert lr[29] < 0.01 and lr[99] < 0.01 and lr[149] < 0.05
+    # the second stage's schedule is the first's, stretched to its 70 steps
+    assert lr[30 + 7 + 63 // 2] == pytest.approx(lr[3 + 27 // 2], abs=0.03)
+
+
+def test_a_resumed_log_keeps_the_lines_up_to_its_step(tmp_path):
+    from train_utils import trim_log
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(f'{{"step": {s}, "train/loss": {s / 10}}}\n' for s in (0, 5, 10, 15)))
+    trim_log(path, 10)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 5, 10]
+    trim_log(tmp_path / "none.jsonl", 3)  # a first run has none
+    assert not (tmp_path / "none.jsonl").exists()

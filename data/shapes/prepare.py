@@ -100,6 +100,34 @@ def questions(rng, objects, size):
     ]
 
 
+def conversation(rng, objects, size):
+    """1-4 questions for one training conversation, none of which gives its answer away to another: each
+    object is named (its shape or its color, in a question or an answer) by one question at most, since a
+    question that ties a shape to a color ("Is there a red circle?", "Where is the red circle?") would tell
+    the answer of "What color is the circle?" asked after it. The count names no object."""
+    present = {(s, c) for s, c, _ in objects}
+    turns, named = [], set()
+    candidates = [("count", None)] + [(t, o) for o in objects for t in ("color", "shape", "exists", "grounding")]
+    for kind, obj in rng.sample(candidates, len(candidates)):
+        if len(turns) == 4:
+            break
+        if kind == "count":
+            turns.append(("How many shapes are there?", NUMBERS[len(objects)]))
+            continue
+        shape, color, box = obj
+        if kind == "exists" and rng.random() < 0.5:  # a pair that is absent, often with a shape or color present
+            shape, color = rng.choice([(s, c) for s in SHAPES for c in COLORS if (s, c) not in present])
+        touched = {i for i, (s, c, _) in enumerate(objects) if s == shape or c == color}
+        if touched & named:
+            continue
+        named |= touched
+        turns.append({"color": (f"What color is the {shape}?", color),
+                      "shape": (f"What shape is the {color} object?", shape),
+                      "exists": (f"Is there a {color} {shape}?", "yes" if (shape, color) in present else "no"),
+                      "grounding": (f"Where is the {color} {shape}?", box_text(box, size))}[kind])
+    return turns
+
+
 def ferret_record(rng, objects, size, record_id, image):
     """A GRIT record: 1-3 referring turns (a region in, its object out) and a grounding turn (an object in,
     its box out), in random order. Box i of a message fills its <bbox_location{i}>."""
@@ -137,7 +165,7 @@ def turns(qas):
 
 
 def build_split(rng, split, n, size, out, seed):
-    """Per image: a conversation over 1-5 of the questions, and its caption as a record of its own (a
+    """Per image: a conversation (see conversation), and its caption as a record of its own (a
     caption names every shape: in the same conversation, answers could be copied from it instead of
     read off the image). captions.json holds the captions again in the plain template: every word of a
     caption depends on the image, so training on them first teaches the model to look."""
@@ -148,8 +176,8 @@ def build_split(rng, split, n, size, out, seed):
         image = f"images/{split}_{i:06d}.png"
         draw(objects, size, rng.randint(60, 200)).save(os.path.join(out, image))
         qs = questions(rng, objects, size)
-        asked = rng.sample(qs[:-1], rng.randint(1, len(qs) - 1))
-        records += [{"id": f"{split}_{i}", "image": image, "conversations": turns([q[1:] for q in asked])},
+        chat = conversation(random.Random(f"{seed}-chat-{split}-{i}"), objects, size)
+        records += [{"id": f"{split}_{i}", "image": image, "conversations": turns(chat)},
                     {"id": f"{split}_{i}_caption", "image": image, "conversations": turns([qs[-1][1:]])}]
         captions.append({"id": f"{split}_{i}", "image": image, "conversations": [
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": qs[-1][2]}]})
