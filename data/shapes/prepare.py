@@ -33,6 +33,7 @@ SHAPES = ["circle", "square", "triangle"]
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
           "yellow": (235, 210, 40), "purple": (140, 60, 190), "orange": (245, 140, 30)}
 NUMBERS = ["zero", "one", "two", "three"]
+BINDING_WEIGHTS = [0.4, 0.2, 0.2, 0.2]  # color, shape, exists, grounding: how often each is asked of an object
 SUPERSAMPLE = 4  # draw large, then downsample: antialiased edges like a real photo
 
 
@@ -104,17 +105,12 @@ def conversation(rng, objects, size):
     """1-4 questions for one training conversation, none of which gives its answer away to another: each
     object is named (its shape or its color, in a question or an answer) by one question at most, since a
     question that ties a shape to a color ("Is there a red circle?", "Where is the red circle?") would tell
-    the answer of "What color is the circle?" asked after it. The count names no object."""
+    the answer of "What color is the circle?" asked after it. A question per object, color-of-shape the
+    most often (the binding learned last); the count, which names no object, in one conversation of three."""
     present = {(s, c) for s, c, _ in objects}
     turns, named = [], set()
-    candidates = [("count", None)] + [(t, o) for o in objects for t in ("color", "shape", "exists", "grounding")]
-    for kind, obj in rng.sample(candidates, len(candidates)):
-        if len(turns) == 4:
-            break
-        if kind == "count":
-            turns.append(("How many shapes are there?", NUMBERS[len(objects)]))
-            continue
-        shape, color, box = obj
+    for shape, color, box in rng.sample(objects, len(objects)):
+        kind = rng.choices(["color", "shape", "exists", "grounding"], weights=BINDING_WEIGHTS)[0]
         if kind == "exists" and rng.random() < 0.5:  # a pair that is absent, often with a shape or color present
             shape, color = rng.choice([(s, c) for s in SHAPES for c in COLORS if (s, c) not in present])
         touched = {i for i, (s, c, _) in enumerate(objects) if s == shape or c == color}
@@ -125,6 +121,8 @@ def conversation(rng, objects, size):
                       "shape": (f"What shape is the {color} object?", shape),
                       "exists": (f"Is there a {color} {shape}?", "yes" if (shape, color) in present else "no"),
                       "grounding": (f"Where is the {color} {shape}?", box_text(box, size))}[kind])
+    if not turns or rng.random() < 1 / 3:
+        turns.insert(rng.randint(0, len(turns)), ("How many shapes are there?", NUMBERS[len(objects)]))
     return turns
 
 
