@@ -121,7 +121,8 @@ def place_regions(record, messages, rng, add_region_feature=True, no_coor=False,
     <region_fea> tokens, each {"kind": "box" | "point", "box", "point", "segment"} in pixels of image_w x
     image_h. A human message's regions are all boxes or all points (form, or drawn 50/50 per message, as
     Ferret does); without add_region_feature they are their coordinates only, and with no_coor their token
-    alone (the region's features carry where it is); a reply's boxes are always text. A box partly outside the image is clamped to it (as Ferret does); one wholly outside is a skip."""
+    alone (the region's features carry where it is); a reply's boxes are always text. A box partly outside
+    the image is clamped to it (as Ferret does); one wholly outside is a skip."""
     w, h, boxes = record.get("image_w"), record.get("image_h"), record["box_x1y1x2y2"]
     if not (isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 0 and h > 0):
         raise BadRegion("bad box: boxes given without a positive image_w and image_h")

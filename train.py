@@ -34,8 +34,8 @@ from checkpoint import (find_checkpoint, load, load_projector, load_train_state,
 from conversation import IGNORE_INDEX, IMAGE_TOKEN, REGION_TOKEN, add_tokens, chat_template
 from data import (ShardDataset, collate, epoch_batches, global_batches, make_if_missing, per_source, preprocess,
                   rank_batches, read_manifest)
-from lora import apply_lora, base_checksum, find_targets, has_lora, is_lora
 from eval import evaluate, report
+from lora import apply_lora, base_checksum, find_targets, has_lora, is_lora
 from model import TOKENIZER_FIELDS, VLM, VLMConfig
 from plot import plot_curves
 from train_utils import (PREEMPTED, STOP, blocks, check_settings, checkpoint_blocks, exit_distributed, gpu_peak_flops,
@@ -190,8 +190,7 @@ if pretrain_mm_mlp_adapter and init_from != "resume":  # a resumed run has its o
     load_projector(model, pretrain_mm_mlp_adapter)
     log(f"projector from {pretrain_mm_mlp_adapter}")
 
-# what trains, and at which learning rate (stages are configs); with LoRA, the LLM (and with
-# lora_vision_tower the tower) trains through its adapters only
+# what trains, at which lr (stages are configs); with LoRA, the LLM (and a lora_vision_tower) through adapters
 model.requires_grad_(False)
 parts = [(model.mm_projector, mm_projector_lr or learning_rate)]
 if model.region_sampler is not None:  # Ferret: the other new part between tower and LLM, at the projector's lr
@@ -324,11 +323,10 @@ def train_batches():
 
 
 def answer_questions(ckpt_path, per_type=None):
-    """eval.py's accuracy per question type on eval_data_path (per_type: its first questions of each type),
-    on rank 0 alone while the others wait: under FSDP from the checkpoint's gathered weights."""
+    """eval.py's accuracies on eval_data_path (per_type: its first of each type), by rank 0 while the others wait."""
     results = {}
     if master:
-        eval_model = load(ckpt_path, device)[0] if fsdp else raw_model
+        eval_model = load(ckpt_path, device)[0] if fsdp else raw_model  # FSDP: gathered, from the checkpoint
         results = evaluate(eval_model, tokenizer, eval_data_path, eval_image_folder, chat_template(version),
                            image_aspect_ratio, no_coor=no_coor, per_type=per_type)
         record({f"accuracy/{t}": results[t] for t in results["n_questions"]})
@@ -341,8 +339,8 @@ def record(stats):  # out_dir/log.jsonl, one JSON object per line (plot.py draws
     if master:
         with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps({"step": state["iter"], **stats}) + "\n")
-        if wandb_log:
-            wandb.log(stats, step=state["iter"])
+        if wandb_log:  # its numbers (not the stage starts)
+            wandb.log({k: v for k, v in stats.items() if isinstance(v, (int, float))}, step=state["iter"])
 
 
 def save(keep=keep_last):  # with every process; the LLM frozen (stage 1), what trained alone too (mm_projector.bin)

@@ -3,7 +3,8 @@
 # python train.py config/train_shapes.py
 out_dir = "out-shapes"
 # LLaVA's two stages in one run: plain captions first (every word depends on the image, so the model
-# learns to look), then vicuna_v1 conversations; curriculum takes the files in this order
+# learns to look), then vicuna_v1 conversations; curriculum takes the files in this order, each a stage
+# with its own warmup and cosine
 data_path = "data/shapes/captions.json,data/shapes/train.json"
 version = "plain,vicuna_v1"
 curriculum = True
