@@ -2,7 +2,8 @@
 What train.py needs around its loop, beside the model (bench.py measures some of it): torch.distributed's
 setup and end; the repeated blocks of a Hugging Face model, which are the units of activation checkpointing
 and of FSDP; activation checkpointing itself; the FLOPs of a step with the device's peak, for the MFU, and
-the log line; the preemption signals; and the check of every setting.
+the log line and log.jsonl; the lr schedule of each stage; the val losses; the preemption signals; and the
+check of every setting.
 """
 import functools
 import json
@@ -170,8 +171,9 @@ def trim_log(path, step):
     if os.path.exists(path):
         with open(path) as f:
             lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:
             f.writelines(lines)
+        os.replace(path + ".tmp", path)  # a kill while writing leaves the old log, not half of it
 
 
 def init_distributed(device, timeout):
