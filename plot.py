@@ -37,8 +37,9 @@ def plot_curves(out_dir):
     for key in sorted(k for k in series if k.startswith("accuracy/")):
         accuracy.plot(*series[key], marker=".", label=key.split("/", 1)[1])
     accuracy.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title="accuracy per question type")
+    starts = series["stage_starts"][1][-1] if "stage_starts" in series else [0]  # as last logged (a resume)
     for ax in (losses, accuracy):
-        for start in series.get("stage_starts", ([], [[]]))[1][-1][1:]:
+        for start in starts[1:]:  # a dotted line where each stage after the first begins
             ax.axvline(start, color="gray", linestyle=":", linewidth=1)
         if ax.has_data():
             ax.legend(fontsize=8)
