@@ -407,8 +407,8 @@ def linear_probe(x_train, y_train, x_test, y_test, steps=300):
 
 
 def bench_probe(data="data/shapes", n_train=1500):
-    """What a trained shapes model knows at each image patch (issue: 'What color is the circle?' needs the
-    circle's patches found by their shape): a linear probe of the patch's color and of its object's shape,
+    """What a trained shapes model knows at each image patch ("What color is the circle?" needs the circle's
+    patches found by their shape): a linear probe of the patch's color and of its object's shape,
     from the tower's features, the projector's output, and the LLM's hidden state at the patch's image token
     after each layer (the image read under the chat template, before any question). Over the patches whose
     center lies in an object; fitted on n_train train images, scored on the val images. Chance: color 1/6,
@@ -421,7 +421,7 @@ def bench_probe(data="data/shapes", n_train=1500):
     from conversation import chat_template, tokenize
     from data import image_tensor, open_image
     from sample import image_args
-    sys.path.insert(0, os.path.join(data))
+    sys.path.insert(0, data)
     from prepare import COLORS, SHAPES
     ckpt = newest(out_dir, names=WEIGHTS)
     if ckpt is None:
@@ -441,7 +441,8 @@ def bench_probe(data="data/shapes", n_train=1500):
     colors, shapes = list(COLORS), SHAPES
     sets = {}
     for split, limit in (("train", n_train), ("val", None)):
-        records = [r for r in json.load(open(os.path.join(data, f"{split}.json"))) if r["id"].endswith("_caption")]
+        with open(os.path.join(data, f"{split}.json")) as f:
+            records = [r for r in json.load(f) if r["id"].endswith("_caption")]
         feats, labels = {}, []
         for r in records[:limit]:
             path = os.path.join(data, r["image"])
