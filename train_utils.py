@@ -171,9 +171,9 @@ def trim_log(path, step):
     if os.path.exists(path):
         with open(path) as f:
             lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(path + ".tmp", "w") as f:
+        with open(f"{path}.tmp", "w") as f:
             f.writelines(lines)
-        os.replace(path + ".tmp", path)  # a kill while writing leaves the old log, not half of it
+        os.replace(f"{path}.tmp", path)  # a kill while writing leaves the old log, not half of it
 
 
 def init_distributed(device, timeout):
