@@ -33,6 +33,10 @@ SHAPES = ["circle", "square", "triangle"]
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
           "yellow": (235, 210, 40), "purple": (140, 60, 190), "orange": (245, 140, 30)}
 NUMBERS = ["zero", "one", "two", "three"]
+# the questions, written once: the training conversations ask them as the eval does
+ASK = {"color": "What color is the {shape}?", "shape": "What shape is the {color} object?",
+       "count": "How many shapes are there?", "exists": "Is there a {color} {shape}?",
+       "grounding": "Where is the {color} {shape}?", "caption": "Describe the image."}
 BINDING_WEIGHTS = [0.4, 0.2, 0.2, 0.2]  # color, shape, exists, grounding: how often each is asked of an object
 SUPERSAMPLE = 4  # draw large, then downsample: antialiased edges like a real photo
 
@@ -92,12 +96,12 @@ def questions(rng, objects, size):
         answer = "no"
     s2, c2, b2 = rng.choice(objects)
     return [
-        ("color", f"What color is the {shape}?", color),
-        ("shape", f"What shape is the {c2} object?", s2),
-        ("count", "How many shapes are there?", NUMBERS[len(objects)]),
-        ("exists", f"Is there a {ask_color} {ask_shape}?", answer),
-        ("grounding", f"Where is the {c2} {s2}?", box_text(b2, size)),
-        ("caption", "Describe the image.", caption(objects)),
+        ("color", ASK["color"].format(shape=shape), color),
+        ("shape", ASK["shape"].format(color=c2), s2),
+        ("count", ASK["count"], NUMBERS[len(objects)]),
+        ("exists", ASK["exists"].format(color=ask_color, shape=ask_shape), answer),
+        ("grounding", ASK["grounding"].format(color=c2, shape=s2), box_text(b2, size)),
+        ("caption", ASK["caption"], caption(objects)),
     ]
 
 
@@ -117,12 +121,11 @@ def conversation(rng, objects, size):
         if touched & named:
             continue
         named |= touched
-        turns.append({"color": (f"What color is the {shape}?", color),
-                      "shape": (f"What shape is the {color} object?", shape),
-                      "exists": (f"Is there a {color} {shape}?", "yes" if (shape, color) in present else "no"),
-                      "grounding": (f"Where is the {color} {shape}?", box_text(box, size))}[kind])
+        answer = {"color": color, "shape": shape, "exists": "yes" if (shape, color) in present else "no",
+                  "grounding": box_text(box, size)}[kind]
+        turns.append((ASK[kind].format(shape=shape, color=color), answer))
     if not turns or rng.random() < 1 / 3:
-        turns.insert(rng.randint(0, len(turns)), ("How many shapes are there?", NUMBERS[len(objects)]))
+        turns.insert(rng.randint(0, len(turns)), (ASK["count"], NUMBERS[len(objects)]))
     return turns
 
 
@@ -132,7 +135,7 @@ def ferret_record(rng, objects, size, record_id, image):
     qas = [("What is in <bbox_location0>?", name(s, c), [box], [])
            for s, c, box in rng.sample(objects, rng.randint(1, len(objects)))]
     s, c, box = rng.choice(objects)
-    qas.insert(rng.randint(0, len(qas)), (f"Where is the {c} {s}?", "<bbox_location0>", [], [box]))
+    qas.insert(rng.randint(0, len(qas)), (ASK["grounding"].format(color=c, shape=s), "<bbox_location0>", [], [box]))
     return {"id": record_id, "image": image, "image_w": size, "image_h": size,
             "conversations": turns([qa[:2] for qa in qas]),
             "box_x1y1x2y2": [list(b) for qa in qas for b in (qa[2], qa[3])]}
@@ -146,7 +149,7 @@ def ferret_questions(objects, size, record_id, image):
              "answer": name(s, c)},
             {**q, "type": "referring_point", "region": "point", "question": "What is in <bbox_location0>?",
              "answer": name(s, c)},
-            {**q, "boxes": [], "type": "grounding", "question": f"Where is the {c} {s}?",
+            {**q, "boxes": [], "type": "grounding", "question": ASK["grounding"].format(color=c, shape=s),
              "answer": box_text(box, size)}]
 
 
