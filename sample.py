@@ -9,10 +9,13 @@ Loads the newest checkpoint in out_dir (or --ckpt=<checkpoint folder>) with its 
 template and image settings. temperature=0 decodes greedily. A region is given in pixels of the image,
 as a box (--box=x1,y1,x2,y2) or a point (--point=x,y), at the prompt's <bbox_location0> (or after it); it
 goes in as Ferret's text, "[x1, y1, x2, y2] <region_fea>" on the 0-999 grid, and, for a model with a region
-sampler, as its features. --out_png writes the image with the region (blue) and any boxes of the answer
-(red) drawn on it.
+sampler, as its features. --out_png writes a picture to look at: the image scaled up to at least 512
+pixels (nearest, so a 48x48 image's pixels stay sharp), the region (blue) and any boxes of the answer (red)
+drawn on it, and the question and answer written below.
 """
+import math
 import sys
+import textwrap
 
 import torch
 from transformers import AutoTokenizer
@@ -76,23 +79,34 @@ def image_args(model, train_config):
     return (train_config.get("image_aspect_ratio", "pad"), t.image_size, t.image_mean, t.image_std)
 
 
-def draw(path, region, answer, out):
-    """The image with the region (blue: a box, or a point's dot) and the answer's boxes (red, from the 0-999
-    grid back to pixels) drawn on it."""
-    from PIL import ImageDraw
+def draw(path, region, answer, out, question, long_side=512):
+    """A picture to look at: the image scaled up (nearest neighbour, each pixel a visible square) to at least
+    long_side on its long side, the region (blue: a box, or a point's dot) and the answer's boxes (red, from the
+    0-999 grid back to pixels) drawn on it, and the question and the answer written below."""
+    from PIL import Image, ImageDraw, ImageFont
     img = open_image(path)
-    d = ImageDraw.Draw(img)
-    w, h = img.size
-    line = max(1, round(min(w, h) / 100))
+    k = max(1, math.ceil(long_side / max(img.size)))
+    w, h = img.width * k, img.height * k
+    font = ImageFont.load_default(size=max(14, w // 30))
+    chars = max(20, int(w / (0.5 * font.size)))  # about the characters a line holds
+    lines = textwrap.wrap(f"Q: {question}", chars) + textwrap.wrap(f"A: {answer}", chars)
+    pitch = round(1.3 * font.size)
+    canvas = Image.new("RGB", (w, h + pitch * len(lines) + pitch // 2), "white")
+    canvas.paste(img.resize((w, h), Image.NEAREST))
+    d = ImageDraw.Draw(canvas)
+    line = max(2, round(min(w, h) / 100))
     if region and region["form"] == "point":
-        x, y = [(a + b) / 2 for a, b in zip(region["boxes"][0][:2], region["boxes"][0][2:])]
+        x, y = [(a + b) / 2 * k for a, b in zip(region["boxes"][0][:2], region["boxes"][0][2:])]
         d.ellipse([x - 2 * line, y - 2 * line, x + 2 * line, y + 2 * line], fill=(40, 80, 255))
     elif region:
-        d.rectangle(region["boxes"][0], outline=(40, 80, 255), width=line)
+        d.rectangle([v * k for v in region["boxes"][0]], outline=(40, 80, 255), width=line)
     for box in BOX.findall(answer):
         x1, y1, x2, y2 = (int(v) / 1000 * s for v, s in zip(box, (w, h, w, h)))
         d.rectangle([x1, y1, x2, y2], outline=(255, 40, 40), width=line)
-    img.save(out)
+    for i, text in enumerate(lines):
+        d.text((pitch // 3, h + pitch // 4 + i * pitch), text, fill="black", font=font)
+    canvas.save(out)
+    return k
 
 
 if __name__ == "__main__":
@@ -125,5 +139,5 @@ if __name__ == "__main__":
                  train.get("no_coor", False))[0]
     print(answer)
     if args["out_png"]:
-        draw(args["image"], region, answer, args["out_png"])
+        draw(args["image"], region, answer, args["out_png"], prompt)
         print(f"wrote {args['out_png']}")

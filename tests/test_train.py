@@ -316,7 +316,9 @@ BAD_SETTINGS = [("max_iters", -5, "at least 0"), ("min_lr", 1.0, "above learning
                 ("dtype", "float64", "use one of 'float32'"), ("eval_interval", 0, "at least 1"),
                 ("parallel", "zero3", "use one of 'ddp'"), ("learning_rate", 0.0, "positive"),
                 ("image_aspect_ratio", "stretch", "use one of"), ("mm_projector_lr", -1.0, "positive"),
-                ("lora_enable", True, "cannot also be frozen"), ("beta2", 1.0, "less than 1")]
+                ("lora_enable", True, "cannot also be frozen"), ("beta2", 1.0, "less than 1"),
+                ("llm_from_stage", -1, "at least 0"), ("eval_final", -1, "at least 0"),
+                ("llm_from_stage", 1, "needs curriculum=True")]
 
 
 @pytest.mark.parametrize("key, value, says", BAD_SETTINGS)
@@ -324,7 +326,8 @@ def test_each_bad_setting_is_named_before_anything_is_built(key, value, says):
     from test_configurator import train_defaults
 
     from train_utils import check_settings
-    config = {**train_defaults(), key: value, **({"tune_mm_mlp_adapter": True} if key == "lora_enable" else {})}
+    config = {**train_defaults(), key: value, **({"tune_mm_mlp_adapter": True} if key == "lora_enable" else {}),
+              **({"curriculum": False} if (key, value) == ("llm_from_stage", 1) else {})}
     with pytest.raises(ValueError, match=re.escape(f"{key}=") + ".*" + re.escape(says)):
         check_settings(config)
     check_settings(train_defaults())

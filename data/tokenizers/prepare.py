@@ -97,9 +97,11 @@ def fetch(name, root=CACHE):
         for f in os.listdir(tmp):  # keep only what the tokenizer needs
             if f.endswith((".gguf", ".tiktoken", ".model.v1")):
                 os.remove(os.path.join(tmp, f))
-        shutil.rmtree(folder, ignore_errors=True)
         os.chmod(tmp, 0o755)
-        os.rename(tmp, folder)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process (a parallel test worker) made it meanwhile: keep theirs
+            shutil.rmtree(tmp)
     return folder
 
 
