@@ -144,5 +144,5 @@ def test_the_export_answers_as_glimpse_does(first_hour):
     with torch.no_grad():
         (ours,) = ask(model.eval(), tokenizer, chat_template(config["train"]["version"]),
                       image_args(model, config["train"]), [str(root / "data/shapes/images/val_000000.png")],
-                      ["What color is the circle?"], max_new_tokens=16)
+                      ["What color is the triangle?"], max_new_tokens=16)
     assert runs["python"].stdout.strip() == ours
