@@ -97,13 +97,21 @@ class Run:
         return {s: v["loss"] for s, v in sorted(self.steps.items())}
 
 
-def run_script(cmd, timeout=600, check=True):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # 2 processes on 2 cores
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))}\nexit code {proc.returncode}\n"
+def script_env():
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # 2 processes on 2 cores
+
+
+def check_exit(proc):
+    """proc (a finished subprocess), or an error with its command, exit code and the tails of its output."""
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, proc.args))}\nexit code {proc.returncode}\n"
                              f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_script(cmd, timeout=600, check=True):
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=script_env())
+    return check_exit(proc) if check else proc
 
 
 @pytest.fixture(scope="session")
@@ -129,14 +137,10 @@ def two_nodes(args, timeout=600):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
            f"--rdzv_endpoint=127.0.0.1:{port}"] + args
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(2)]
-    done = [subprocess.CompletedProcess(cmd, 0, *node.communicate(timeout=timeout)) for node in nodes]
-    for node, proc in zip(nodes, done):
-        if node.returncode != 0:
-            raise AssertionError(f"a node exited with {node.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
-                                 f"--- stderr\n{proc.stderr[-6000:]}")
+    nodes = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=script_env()) for _ in range(2)]
+    outputs = [node.communicate(timeout=timeout) for node in nodes]
+    done = [check_exit(subprocess.CompletedProcess(cmd, node.returncode, *out)) for node, out in zip(nodes, outputs)]
     (rank0,) = [p for p in done if STEP_LINE.search(p.stdout)]  # rank 0 logs alone
     return rank0
 
@@ -146,8 +150,8 @@ def start_script(cmd):
     proc.lines, for wait_for and output."""
     import queue
     import threading
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=script_env())
     proc.lines, proc.seen = queue.Queue(), []
 
     def read():
