@@ -10,6 +10,9 @@ import re
 import sys
 import time
 
+import numpy as np
+import torch
+
 import configurator
 
 what = "all"  # which benchmark to run: 'all' or a name below
@@ -370,6 +373,278 @@ def bench_parallel(steps=3, width=512, layers=8, batch_size=48, nproc=2):
                           r"\| peak mem ([\d.]+) GiB", line[0])
             name = parallel if parallel == "ddp" else f"fsdp, reshard_after_forward={reshard}"
             print(f"| {name} | {ac} | {float(m[4]):.2f} GiB | {m[1]} | {m[2]}{m[3] or ''} |")
+
+
+# the baseline and glimpse on the same model: a Qwen2-0.5B-shaped LLM (fewer layers) under a CLIP-shaped tower
+QWEN2_05B = dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True)
+CLIP_B = dict(model_type="clip_vision_model", hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+              patch_size=16)
+
+
+def llava_like_lengths(n, rng, image_tokens=576, max_len=2048, text_only=0.06):
+    """(text tokens, has an image) of n records in the shape of LLaVA-1.5's 665K mix: 6% text-only (its 40K
+    ShareGPT conversations, long: log-normal around 700 tokens), the rest an image and a conversation about it
+    (VQA and GQA's short answers to LLaVA-Instruct's long ones: log-normal around 180 tokens), all within
+    max_len. A parametric stand-in from the mix's composition as LLaVA's paper gives it, not read from the file
+    (which is not here); bench_throughput scales it down for a CPU."""
+    has_image = rng.random(n) >= text_only
+    text = np.where(has_image, rng.lognormal(np.log(180), 0.75, n), rng.lognormal(np.log(700), 0.6, n))
+    text = np.clip(text * max_len / 2048, 8, max_len - 1 - has_image * image_tokens).astype(int)  # and a BOS
+    return list(zip(text.tolist(), has_image.tolist()))
+
+
+def synthetic_samples(records, seed, image_tokens, image_size, image_id, vocab):
+    """Samples as ShardDataset gives them: [BOS, image tokens, text], half of the text trained (turns of 16)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n_text, has_image in records:
+        text = torch.randint(10, image_id, (n_text,), generator=g)
+        ids = torch.cat([torch.tensor([1]), torch.full((image_tokens * has_image,), image_id), text])
+        trained = torch.cat([torch.zeros(1 + image_tokens * has_image, dtype=torch.bool),
+                             torch.arange(n_text) // 16 % 2 == 1])
+        out.append({"input_ids": ids, "labels": torch.where(trained, ids, -100),
+                    "pixel_values": torch.randn(int(has_image), 3, image_size, image_size, generator=g),
+                    "region_masks": torch.zeros(0, image_size, image_size, dtype=torch.bool),
+                    "region_image": torch.zeros(0, dtype=torch.long)})
+    return out
+
+
+def padded_for_transformers(samples, pad_id):
+    """What a user's collator gives LlavaForConditionalGeneration: right-padded to the longest, with the mask."""
+    T = max(len(s["input_ids"]) for s in samples)
+    pad = lambda key, value: torch.stack([torch.cat([s[key], torch.full((T - len(s[key]),), value)])  # noqa: E731
+                                          for s in samples])
+    pixels = torch.cat([s["pixel_values"] for s in samples])
+    return dict(input_ids=pad("input_ids", pad_id), labels=pad("labels", -100),
+                attention_mask=pad("input_ids", -1) != -1, pixel_values=pixels if len(pixels) else None)
+
+
+def _throughput_run(variant, folder, records, batches, image_tokens, max_len, queue):
+    """One variant's steps in a fresh process (its peak memory is its own): the first a warm-up, the others
+    timed. The tower is frozen, the projector and the LLM train (LLaVA's stage 2); on a GPU in bf16 autocast."""
+    import resource
+    from contextlib import nullcontext
+
+    from checkpoint import load
+    from data import collate
+    cuda = torch.cuda.is_available()
+    device, autocast = ("cuda", torch.autocast("cuda", torch.bfloat16)) if cuda else ("cpu", nullcontext())
+    if variant == "transformers":
+        from transformers import LlavaForConditionalGeneration
+        model = LlavaForConditionalGeneration.from_pretrained(os.path.join(folder, "hf"), dtype=torch.float32)
+        model.model.vision_tower.requires_grad_(False)
+        image_id, size = model.config.image_token_index, model.config.vision_config.image_size
+    else:
+        model = load(os.path.join(folder, "glimpse"))[0]
+        model.vision_tower.requires_grad_(False)
+        image_id, size = model.image_token_id, model.vision_tower.image_size
+    model.to(device).train()
+    # the baseline's the default form (foreach), glimpse's train.py's (fused)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                                  fused=variant != "transformers")
+    samples = synthetic_samples(records, 0, image_tokens, size, image_id, image_id)
+    seconds = trained = tokens = positions = 0
+    for step, chunk in enumerate(batches):
+        part = [samples[i] for i in chunk]
+        if variant == "transformers":
+            batch = padded_for_transformers(part, 0)
+        else:
+            batch = collate(part, 0, image_id, None, max_len if variant == "glimpse packed" else 0)
+        t0 = time.time()
+        on_device = {k: v if v is None else v.to(device) for k, v in batch.items()}
+        with autocast:
+            loss = model(**on_device).loss if variant == "transformers" else model(on_device)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if step:  # the first step is the warm-up
+            seconds += time.time() - t0
+            trained += int((batch["labels"][:, 1:] != -100).sum())
+            tokens, positions = tokens + int(batch["attention_mask"].sum()), positions + batch["input_ids"].numel()
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    queue.put(dict(trained_per_s=trained / seconds, step_s=seconds / (len(batches) - 1), padding=1 - tokens / positions,
+                   peak=peak, device=device))
+
+
+def bench_throughput(micro_batch=16, steps=2, llm_layers=6, tower_layers=4, scale=4, llm=QWEN2_05B, tower=CLIP_B,
+                     folder="out-bench-throughput"):
+    """Trained tokens/s, step time, padding and peak memory of (a) transformers' LlavaForConditionalGeneration in
+    the loop a user would write (right-padded batches, its loss from logits at every position, AdamW), (b) glimpse
+    padded, (c) glimpse with group_by_modality_length, (d) glimpse packed: the same weights (one model, saved
+    once and loaded by each), the same records (LLaVA-665K-shaped, llava_like_lengths; scale: its lengths, the
+    image's 576 tokens and model_max_length 2048, divided by that for a CPU), micro_batch records a step (one
+    step's global batch), each variant in a fresh process. Also AdamW's step on the same parameters, foreach
+    (torch's default on a CPU, the baseline's) against fused (train.py's)."""
+    import multiprocessing
+
+    from checkpoint import save
+    from data import global_batches
+    from hf_llava import save_hf_llava
+    from model import VLM, VLMConfig
+    patch = tower["patch_size"]
+    image_size, max_len = patch * round((576 / scale) ** 0.5), 2048 // scale
+    image_tokens = (image_size // patch) ** 2
+    torch.manual_seed(seed)
+    model = VLM(VLMConfig(model_name_or_path=dict(llm, num_hidden_layers=llm_layers),
+                          vision_tower=dict(tower, num_hidden_layers=tower_layers, image_size=image_size),
+                          mm_vision_select_layer=-2, vocab_size=llm["vocab_size"],
+                          image_token_id=llm["vocab_size"] - 1))
+    save(model, os.path.join(folder, "glimpse"))
+    save_hf_llava(model, os.path.join(folder, "hf"))
+    params = [p for n, p in model.named_parameters() if not n.startswith("vision_tower")]
+    print(f"LLM: {llm['model_type']} {llm_layers} layers x {llm['hidden_size']}; tower: {tower['model_type']} "
+          f"{tower_layers} layers x {tower['hidden_size']}, "
+          f"{image_size} px, {image_tokens} tokens; {sum(p.numel() for p in params) / 1e6:.0f}M trained parameters; "
+          f"model_max_length {max_len}; {micro_batch} records a step, {steps} steps timed after one")
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for fused in (False, True):
+        optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fused)
+        optimizer.step()  # its state comes to exist
+        t0 = time.time()
+        optimizer.step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        print(f"AdamW step, {'fused' if fused else 'foreach'}: {time.time() - t0:.2f} s")
+    del model, params, optimizer
+    rng = np.random.default_rng(seed)
+    n = micro_batch * (steps + 1)
+    records = llava_like_lengths(n, rng, image_tokens, max_len)
+    lengths = np.array([1 + t + image_tokens * i for t, i in records])
+    plain = [list(range(k, k + micro_batch)) for k in range(0, n, micro_batch)]
+    grouped = global_batches(np.arange(n), micro_batch, lengths, np.array([i for _, i in records]), seed)
+    variants = {"transformers": plain, "glimpse padded": plain, "glimpse grouped": grouped, "glimpse packed": plain}
+    ctx, results = multiprocessing.get_context("spawn"), {}
+    print("| variant | trained tokens/s | step | padding | peak memory (process) |")
+    print("|---|---|---|---|---|")
+    for name, batches in variants.items():
+        queue = ctx.Queue()
+        p = ctx.Process(target=_throughput_run, args=(name, folder, records, [[int(i) for i in b] for b in batches],
+                                                      image_tokens, max_len, queue))
+        p.start()
+        r = results[name] = queue.get()
+        p.join()
+        print(f"| {name} | {r['trained_per_s']:.0f} | {r['step_s']:.2f} s | {100 * r['padding']:.1f}% | "
+              f"{r['peak'] / 2**30:.2f} GiB ({r['device']}) |", flush=True)
+    base = results["transformers"]
+    for name, r in results.items():
+        print(f"{name}: {r['trained_per_s'] / base['trained_per_s']:.2f}x the transformers baseline in trained "
+              f"tokens/s, padding {100 * r['padding']:.1f}%, peak memory {r['peak'] / base['peak']:.2f}x")
+
+
+SIGLIP_B = dict(model_type="siglip_vision_model", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, image_size=224, patch_size=16)
+# the CUDA paths bench_gpu checks, each a train.py run: (name, its settings)
+GPU_RUNS = [("ddp, bf16 autocast, padded", dict(parallel="ddp")),
+            ("ddp, bf16 autocast, packed (sdpa)", dict(parallel="ddp", packing=True)),
+            ("fsdp, bf16 policy, activation checkpointing, packed (sdpa)",
+             dict(parallel="fsdp", activation_checkpointing=True, packing=True)),
+            ("fsdp, bf16 policy, packed (flex_attention)", dict(parallel="fsdp", packing=True,
+                                                               attn_implementation="flex_attention")),
+            ("fsdp, bf16 policy, packed, compile", dict(parallel="fsdp", packing=True, compile=True))]
+
+
+def bench_gpu(llm=QWEN2_05B, tower=SIGLIP_B, steps=30, images=2000, batch_size=16, max_len=2048, dtype="bfloat16",
+              runs=GPU_RUNS, throughput=None, folder="out-bench-gpu", timeout=240):
+    """For a lent GPU, in about 8 minutes on an H200: train.py itself under torchrun --nproc_per_node=1 on a ~1B VLM
+    (a Qwen2-0.5B LLM and a SigLIP-B tower, from scratch; the tower frozen, LLaVA's stage 2) at model_max_length
+    2048, on shapes data made here (no network there), each run of GPU_RUNS in turn: bf16 autocast (DDP) and
+    FSDP2's mixed-precision policy, activation checkpointing, fused AdamW (train.py's), packing with sdpa and
+    flex_attention, compile. Each gives its last log line's tokens/s, padding, MFU (against the device's peak) and
+    peak memory. Then bench_throughput at a GPU's size (throughput: its arguments; None: the full 24-layer LLM,
+    576 image tokens; False: not run). A run that fails is reported with its error, and the others go on."""
+    import subprocess
+    shapes, shards = os.path.join(folder, "shapes"), os.path.join(folder, "shards")
+    subprocess.run([sys.executable, "data/shapes/prepare.py", "--out", shapes, "--train", str(images), "--val", "20"],
+                   check=True, capture_output=True)
+    tokens = (tower["image_size"] // tower["patch_size"]) ** 2
+    subprocess.run([sys.executable, "data.py", f"--data_path={shapes}/train.json", f"--image_folder={shapes}",
+                    f"--out={shards}", f"--tokenizer={shapes}/tokenizer", "--version=vicuna_v1",
+                    f"--num_image_tokens={tokens}", f"--model_max_length={max_len}"], check=True, capture_output=True)
+    print(f"LLM {llm['model_type']} {llm.get('num_hidden_layers')} layers x {llm['hidden_size']}; tower "
+          f"{tower['model_type']} ({tokens} tokens); {batch_size} records a step, {steps} steps; {dtype}")
+    print("| run | tokens/s (trained) | padding | TFLOP/s | MFU | peak memory | note |")
+    print("|---|---|---|---|---|---|---|")
+    for name, settings in runs:
+        args = dict(model_name_or_path=llm, vision_tower=tower, mm_vision_select_layer=-2, data_path=shards,
+                    tokenizer_name_or_path=f"{shapes}/tokenizer", version="vicuna_v1", val_data_path="",
+                    eval_data_path="", unfreeze_mm_vision_tower=False, batch_size=batch_size, max_iters=steps,
+                    log_interval=steps, eval_interval=10 * steps, model_max_length=max_len, dtype=dtype,
+                    out_dir=os.path.join(folder, "run"), init_from="scratch", **settings)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py"] + \
+            [f"--{k}={v}" for k, v in args.items()]
+        t0 = time.time()
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith(f"step {steps}/")]
+            error = out.stderr.strip().splitlines()[-1] if out.returncode or not line else ""
+        except subprocess.TimeoutExpired:
+            line, error = [], f"over {timeout} s"
+        if error or not line:
+            print(f"| {name} | failed: {error[:200]} | | | | | {time.time() - t0:.0f} s |", flush=True)
+            continue
+        m = re.search(r"\| (\d+) tok/s \((\d+) trained, padding (\d+)%\) \| ([\d.e+-]+) TFLOP/s per process"
+                      r"(?:, MFU ([\d.]+)%)? \| peak mem ([\d.]+) GiB", line[0])
+        print(f"| {name} | {m[1]} ({m[2]}) | {m[3]}% | {m[4]} | {m[5] or '-'}% | {m[6]} GiB | "
+              f"{time.time() - t0:.0f} s in all |", flush=True)
+    if throughput is not False:
+        bench_throughput(**(throughput or dict(llm_layers=24, tower_layers=12, scale=1, steps=3)))
+
+
+def bench_rank_memory(nproc=2, width=1536, layers=16, parallel="fsdp"):
+    """The host memory of each process of a torchrun job, for a Llama of layers x width (vocab 32000) under FSDP:
+    rank 0 builds the model (as every rank did before), the others its shapes on the meta device, and all take
+    rank 0's weights by broadcast into their shards. Each rank's peak resident memory (VmHWM, read from /proc
+    while the job runs) up to the end of that setup (the log line that says so), and over the whole run."""
+    import subprocess
+    import threading
+    llm = dict(model_type="llama", hidden_size=width, intermediate_size=int(2.75 * width), num_hidden_layers=layers,
+               num_attention_heads=width // 64, num_key_value_heads=width // 64, max_position_embeddings=512,
+               vocab_size=32000)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+           f"--model_name_or_path={llm}", f"--parallel={parallel}", "--batch_size=2", "--max_iters=1",
+           "--eval_interval=100000", "--eval_data_path=", "--val_data_path=", "--out_dir=out-bench-ranks"]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines, set_up = [], threading.Event()
+
+    def read():
+        for line in job.stdout:
+            lines.append(line)
+            if "rank 0's weights by broadcast" in line:
+                set_up.set()
+    threading.Thread(target=read, daemon=True).start()
+    peaks, at_setup = {}, {}
+    while job.poll() is None:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    rank = re.search(rb"(?:^|\0)RANK=(\d+)\0", f.read())
+                with open(f"/proc/{pid}/cmdline") as f:
+                    ours = "out-bench-ranks" in f.read()
+                with open(f"/proc/{pid}/status") as f:
+                    hwm = re.search(r"VmHWM:\s+(\d+) kB", f.read())
+            except OSError:  # gone, or not ours to read
+                continue
+            if rank and hwm and ours:
+                peaks[int(rank[1])] = max(peaks.get(int(rank[1]), 0), int(hwm[1]) * 1024)
+                if not set_up.is_set():
+                    at_setup[int(rank[1])] = peaks[int(rank[1])]
+        time.sleep(0.1)
+    output = "".join(lines)
+    if job.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{output[-3000:]}")
+    params = float(re.search(r"parameters: ([\d.]+)M", output)[1])
+    print(f"{parallel}, {nproc} processes, {params:.0f}M parameters ({params * 4e6 / 2**30:.2f} GiB in fp32)")
+    print("| rank | peak resident memory, to the end of the setup | over the run (one step) |")
+    print("|---|---|---|")
+    for rank in sorted(peaks):
+        print(f"| {rank}{' (builds the model)' if rank == 0 else ' (meta device, then broadcast)'} | "
+              f"{at_setup.get(rank, 0) / 2**30:.2f} GiB | {peaks[rank] / 2**30:.2f} GiB |")
 
 
 def patch_labels(path, caption, grid, colors):

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 import lora
 from hf_llava import from_hf_llava, is_hf_llava
-from model import VLM, VLMConfig
+from model import VLM, VLMConfig, on_meta
 
 STEP = re.compile(r"ckpt-(\d+)")  # a checkpoint's folder in out_dir
 
@@ -170,6 +170,8 @@ def load(path, device="cpu"):
     if "lora" in config:  # the frozen base from its folder, then the adapters and what else trained
         return load_lora(path, config, device), config
     model = VLM(model_config(config["model"], cfg_file))
+    if on_meta():  # its shapes only: a rank other than 0 gets its weights from rank 0 (train.py)
+        return model, config
     try:
         load_model(model, weights, device=str(device))
     except Exception as e:
@@ -185,6 +187,9 @@ def load_lora(path, config, device="cpu"):
         raise FileNotFoundError(f"{path} holds LoRA adapters for the base {c['base']}, which is missing")
     model, _ = load(c["base"], device)
     lora.apply_lora(model, c["targets"], c["r"], c["alpha"], c["dropout"], c["rslora"], getattr(torch, c["base_dtype"]))
+    model.lora_base = c["base"]
+    if on_meta():  # rank 0 reads and checks the adapters
+        return model
     try:
         state = load_file(os.path.join(path, "model.safetensors"), device=str(device))
     except Exception as e:
@@ -196,7 +201,6 @@ def load_lora(path, config, device="cpu"):
         lora.load_lora_state_dict(model, state)
     except Exception as e:
         raise RuntimeError(f"{path}: cannot load the LoRA weights onto {c['base']} ({e})") from e
-    model.lora_base = c["base"]
     return model
 
 

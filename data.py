@@ -19,17 +19,23 @@ worker maps from disk, so a worker's memory does not grow with the number of rec
 whole JSON in every worker).
 
 A batch is the one contract between this file and model.py: input_ids and labels [B, T] int64 (labels
--100 where nothing trains), attention_mask [B, T] (1 on the tokens, 0 on the right padding), pixel_values
-[N_img, 3, H, W], the images in the order their blocks of image tokens appear, and for Ferret region_masks
-[N_reg, H, W] bool with region_image [N_reg] (the index of each region's image), in the order of their
-<region_fea> tokens.
+-100 where nothing trains, and at each record's first token), attention_mask [B, T] (1 on the tokens, 0 on
+the right padding; counted, not given to the LLM in training), pixel_values [N_img, 3, H, W], the images in
+the order their blocks of image tokens appear, and for Ferret region_masks [N_reg, H, W] bool with
+region_image [N_reg] (the index of each region's image), in the order of their <region_fea> tokens.
+Packed (packing=True), a row holds several records, whole, and position_ids [B, T] restart at 0 for each.
+Where collate knows the token ids, image_positions, region_positions and loss_positions give, as flat
+indices into the B * T tokens, the image tokens, the region tokens and the tokens whose next one trains.
 
 Batches: an epoch is a seeded order of all records (each source replicated by its data_multiple), cut
 into global batches; a global batch is cut into micro-batches that the ranks take in turn, so one process
 with N accumulation steps and N processes with one see the same records in each step, and every record
-is seen exactly once per epoch whatever the number of ranks.
+is seen exactly once per epoch whatever the number of ranks. Packed, a global batch's records are dealt to
+the micro-batches by cost, so that the ranks' steps take about as long, and each micro-batch is packed into
+as few rows, as evenly filled, as found.
 """
 import hashlib
+import heapq
 import json
 import multiprocessing
 import os
@@ -555,21 +561,69 @@ class ShardDataset(torch.utils.data.Dataset):
                 "region_image": torch.zeros(len(masks), dtype=torch.long)}
 
 
-def collate(samples, pad_token_id):
+def pack(lengths, capacity):
+    """Lengths -> rows of indices, each row at most capacity tokens, laid out so that the rectangle they are
+    padded to (rows x the longest row) is the smallest found: for each row count from the fewest that could
+    hold them, the longest first, each into the shortest row so far (LPT), keeping the count that pads least.
+    A record longer than capacity (none is: data.truncate) raises it to its length."""
+    capacity, best = max(capacity, *lengths), None
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
+    fewest = -(-sum(lengths) // capacity)
+    # one record a row always fits; 16 more rows than the fewest are enough to find an even layout, and cheap
+    for n_rows in range(fewest, min(len(lengths), fewest + 16) + 1):
+        heap, rows = [(0, r) for r in range(n_rows)], [[] for _ in range(n_rows)]
+        for i in order:
+            used, r = heapq.heappop(heap)
+            rows[r].append(i)
+            heapq.heappush(heap, (used + lengths[i], r))
+        longest = max(used for used, _ in heap)
+        if longest <= capacity and (best is None or n_rows * longest < best[0]):
+            best = (n_rows * longest, rows)
+    return best[1]
+
+
+def collate(samples, pad_token_id, image_token_id=None, region_token_id=None, pack_len=0):
     """LLaVA's DataCollatorForSupervisedDataset: right-pad to the longest sample; images, and regions,
-    concatenated in the order their tokens appear (region_image then counts the batch's images)."""
-    T = max(len(s["input_ids"]) for s in samples)
-    input_ids = torch.full((len(samples), T), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(samples), T), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), T), dtype=torch.long)
-    for i, s in enumerate(samples):
-        n = len(s["input_ids"])
-        input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = s["input_ids"], s["labels"], 1
+    concatenated in the order their tokens appear (region_image then counts the batch's images).
+    pack_len: the samples packed into rows of at most pack_len tokens (pack), each sample whole, with
+    position_ids restarting at 0 for each: the LLM then keeps each sample's attention within it
+    (model.check_packing), and a step computes what it would padded. Given the token ids, the positions of
+    the image and region tokens, and of those whose next token trains, are found here on the CPU: the model
+    then needs no boolean masks, which would wait for the device."""
+    layout = pack([len(s["input_ids"]) for s in samples], pack_len) if pack_len else [[i] for i in range(len(samples))]
+    rows = [[samples[i] for i in row] for row in layout]
+    samples = [s for row in rows for s in row]  # in the order of the rows: the images' order
+    T = max(sum(len(s["input_ids"]) for s in row) for row in rows)
+    input_ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), T), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for s in row:
+            end = start + len(s["input_ids"])
+            input_ids[r, start:end], labels[r, start:end] = s["input_ids"], s["labels"]
+            labels[r, start] = IGNORE_INDEX  # a record's first token is never predicted: nothing comes before it
+            attention_mask[r, start:end], position_ids[r, start:end] = 1, torch.arange(end - start)
+            start = end
+        # the padding goes on from the last record's positions: a row of one record stays a plain causal row
+        position_ids[r, start:] = torch.arange(T - start) + int(position_ids[r, start - 1]) + 1
     first_image = np.cumsum([0] + [len(s["pixel_values"]) for s in samples])
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
-            "region_masks": torch.cat([s["region_masks"] for s in samples]),
-            "region_image": torch.cat([s["region_image"] + int(k) for s, k in zip(samples, first_image)])}
+    if any(len(s["region_masks"]) and not s["region_masks"].flatten(1).any(1).all() for s in samples):
+        raise ValueError("an empty region mask: the region sampler would have no point to read")  # Ferret
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+             "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+             "region_masks": torch.cat([s["region_masks"] for s in samples]),
+             "region_image": torch.cat([s["region_image"] + int(k) for s, k in zip(samples, first_image)])}
+    if pack_len:  # padded rows go without: their positions count from 0, as the LLM's own do
+        batch["position_ids"] = position_ids
+    if image_token_id is not None:  # flat positions in the [rows * T] tokens, in order
+        batch["image_positions"] = torch.nonzero(input_ids.flatten() == image_token_id).flatten()
+        if region_token_id is not None:
+            batch["region_positions"] = torch.nonzero(input_ids.flatten() == region_token_id).flatten()
+        batch["loss_positions"] = torch.nonzero(labels[:, 1:].flatten() != IGNORE_INDEX).flatten()
+        batch["loss_positions"] += batch["loss_positions"] // (T - 1)  # [rows * (T - 1)] -> [rows * T]
+    return batch
 
 
 def epoch_order(sources, seed, epoch, multiples=None, curriculum=False):
@@ -619,20 +673,37 @@ def epoch_batches(sources, global_batch, seed, epoch, multiples=None, curriculum
             for b in global_batches(order[sources[order] == s], global_batch, lengths, has_image, seed, epoch)]
 
 
-def rank_batches(batches, micro_batch, accum, rank, world, start_step=0):
+def deal(records, costs, K):
+    """Records -> K micro-batches of about equal cost: the costliest first, each to the cheapest micro-batch so
+    far (LPT); each keeps its records in their order."""
+    heap, parts = [(0.0, k) for k in range(K)], [[] for _ in range(K)]
+    for j in sorted(range(len(records)), key=lambda j: -float(costs[records[j]])):
+        cost, k = heapq.heappop(heap)
+        parts[k].append(j)
+        heapq.heappush(heap, (cost + float(costs[records[j]]), k))
+    return [[records[j] for j in sorted(part)] for part in parts]
+
+
+def rank_batches(batches, micro_batch, accum, rank, world, start_step=0, costs=None):
     """This rank's micro-batches (lists of indices), accum per step, from step start_step on. Global batch
     s is cut into accum * world near-equal contiguous micro-batches and the k-th goes to rank k % world; so
     a full batch gives micro_batch records each. Where a small last batch leaves a micro-batch empty, it is
     [~first record]: that record with nothing trained, so that every rank still runs (and, under DDP,
-    all-reduces) each micro-step, while the loss and the gradients stay those of the real records."""
+    all-reduces) each micro-step, while the loss and the gradients stay those of the real records.
+    costs (packing: collate packs each micro-batch into rows), per record: the global batch's records are dealt
+    to the micro-batches so that each costs about the same (deal), and the ranks finish their steps together;
+    the records and the loss of a step stay the same."""
     K = accum * world
     out = []
     for chunk in batches[start_step:]:
         chunk = [int(i) for i in chunk]
-        sizes = [len(chunk) // K + (k < len(chunk) % K) for k in range(K)]
-        starts = np.cumsum([0] + sizes)
-        micro = [chunk[starts[k]:starts[k + 1]] or [~chunk[0]] for k in range(K)]
-        out += micro[rank::world]
+        if costs is not None:
+            micro = deal(chunk, costs, K)
+        else:
+            sizes = [len(chunk) // K + (k < len(chunk) % K) for k in range(K)]
+            starts = np.cumsum([0] + sizes)
+            micro = [chunk[starts[k]:starts[k + 1]] for k in range(K)]
+        out += [m or [~chunk[0]] for m in micro][rank::world]
     return out
 
 
@@ -654,9 +725,9 @@ if __name__ == "__main__":
     from transformers import AutoTokenizer
 
     import configurator
-    settings = dict(data_path="", image_folder="", out="", tokenizer="", version="vicuna_v1", num_image_tokens=576,
+    defaults = dict(data_path="", image_folder="", out="", tokenizer="", version="vicuna_v1", num_image_tokens=576,
                     model_max_length=2048, strict=False, num_proc=0, allow_outside_images=False, max_skipped=0.5)
-    args = configurator.configure({**settings, **ferret.REGIONS}, sys.argv[1:])  # Ferret: its settings
+    args = configurator.configure({**defaults, **ferret.REGIONS}, sys.argv[1:])  # Ferret: its settings
     if not (args["data_path"] and args["out"] and args["tokenizer"]):
         sys.exit("usage: python data.py --data_path=a.json,b.jsonl --image_folder=dirA,dirB --out=DIR --tokenizer=PATH "
                  "[--version=vicuna_v1] [--num_image_tokens=576] [--model_max_length=2048] [--strict=True] "

@@ -14,7 +14,7 @@ import os
 import torch
 import torch.nn as nn
 
-from model import VLM, VLMConfig, read_mean_std
+from model import VLM, VLMConfig, on_meta, read_mean_std
 
 
 def hf_llava_config(model):
@@ -78,8 +78,11 @@ def save_hf_llava(model, path):
 def from_hf_llava(path):
     """A VLM from a transformers LLaVA folder (what export.py writes, or e.g. llava-hf/llava-1.5-7b-hf
     downloaded). Both models are in memory while the weights are copied."""
-    from transformers import LlavaForConditionalGeneration
-    hf = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    # on the meta device (train.py's ranks other than 0), its shapes only
+    hf = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(path)) if on_meta() else \
+        LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    hf.eval()
     c = hf.config
     if not isinstance(c.vision_feature_layer, int) or c.projector_hidden_act not in ("gelu", "linear") or \
             not c.multimodal_projector_bias:

@@ -64,6 +64,13 @@ class VLMConfig:
 TOKENIZER_FIELDS = ("vocab_size", "image_token_id", "region_token_id")  # VLMConfig's that the tokenizer gives
 
 
+def on_meta():
+    """Whether new tensors are made on the meta device here: train.py's ranks other than 0 build the model in
+    `with torch.device("meta")`, its shapes without its weights (they come from rank 0), so that a model
+    larger than host memory / ranks still fits."""
+    return torch.empty(0).is_meta
+
+
 def hf_config(spec):
     """A config dict (with model_type) -> a transformers config."""
     spec = {k: v for k, v in spec.items() if k not in ("image_mean", "image_std", "transformers_version")}
@@ -99,7 +106,9 @@ class VisionTower(nn.Module):
             mean, std = spec.get("image_mean"), spec.get("image_std")
         else:  # a full CLIP/SigLIP checkpoint holds a text tower too: load only the vision part
             config = AutoConfig.from_pretrained(spec)
-            self.encoder = AutoModel.from_pretrained(spec, config=getattr(config, "vision_config", config))
+            config = getattr(config, "vision_config", config)
+            self.encoder = AutoModel.from_config(config) if on_meta() else \
+                AutoModel.from_pretrained(spec, config=config)
             mean, std = read_mean_std(spec)
         c = self.encoder.config
         default_mean, default_std = DEFAULT_MEAN_STD.get(c.model_type, ([0.5] * 3, [0.5] * 3))
@@ -225,7 +234,9 @@ def lm_head(llm, hidden):
 def check_lm_head(llm):
     """lm_head must give the logits of the LLM's own forward: a family that changes them in a way lm_head
     does not know (FalconH1's lm_head_multiplier, say) would be trained on other logits than it generates
-    with. One forward of three tokens tells."""
+    with. One forward of three tokens tells (not on the meta device: it has no numbers to compare)."""
+    if llm.device.type == "meta":
+        return
     was_training = llm.training
     ids = torch.tensor([[1, 2, 3]], device=llm.device)
     ref = llm.eval()(input_ids=ids).logits
@@ -234,6 +245,25 @@ def check_lm_head(llm):
     if not torch.allclose(got.float(), ref.float(), rtol=1e-3, atol=1e-3):
         raise ValueError(f"{llm.config.model_type}: its forward changes the logits in a way model.lm_head does not "
                          f"know (max difference {(got - ref).abs().max():.3g}): add that family's scaling to lm_head")
+
+
+@torch.no_grad()
+def check_packing(llm):
+    """Packing (data.collate) needs the LLM to keep each packed record's attention within it, told only by
+    position_ids that restart at 0 (transformers builds that mask when it gets no attention mask; a family or
+    an attn_implementation that does not would let a record read the one before it, and train on that
+    silently). One forward of two short records packed, against the second alone, tells."""
+    was_training = llm.training
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7]], device=llm.device)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=llm.device)
+    alone = llm.eval().base_model(input_ids=ids[:, 3:], use_cache=False).last_hidden_state
+    packed = llm.base_model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[:, 3:]
+    llm.train(was_training)
+    if not torch.allclose(packed.float(), alone.float(), rtol=1e-3, atol=1e-3):
+        raise ValueError(f"packing=True: {llm.config.model_type} with attn_implementation="
+                         f"{llm.config._attn_implementation!r} lets a packed record attend to the one before it (max "
+                         f"difference {(packed - alone).abs().max():.3g}): use packing=False or another "
+                         "attn_implementation")
 
 
 def cache_keyword(llm):
@@ -260,6 +290,8 @@ class VLM(nn.Module):
         llm = config.model_name_or_path
         if isinstance(llm, dict):  # a random init sized to the tokenizer, unless the dict says otherwise
             self.llm = AutoModelForCausalLM.from_config(hf_config({"vocab_size": config.vocab_size, **llm}))
+        elif on_meta():  # its architecture: the weights come from rank 0
+            self.llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llm))
         else:
             self.llm = AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32)
         resize_embeddings(self.llm, config.vocab_size)
@@ -291,11 +323,14 @@ class VLM(nn.Module):
         dtype = next(self.mm_projector.parameters(), merged).dtype  # an identity projector has no parameters
         return feats, self.mm_projector(merged.to(dtype))
 
-    def embed(self, input_ids, pixel_values=None, region_masks=None, region_image=None):
+    def embed(self, input_ids, pixel_values=None, region_masks=None, region_image=None, image_positions=None,
+              region_positions=None):
         """LLaVA's prepare_inputs_labels_for_multimodal, without the splicing: token embeddings with the
         image features written over the image tokens, and each region's
         (the region sampler's, from its image's feature map: region_masks [R, H, W], region_image [R] the
-        index of its image in pixel_values) over its <region_fea> token, in order.
+        index of its image in pixel_values) over its <region_fea> token, in order. image_positions and
+        region_positions, the tokens' flat indices in input_ids, come from collate (found on the CPU); without
+        them they are found here.
 
         A batch without images (or regions) still runs their path, on a blank image (a whole-image region),
         times 0: the loss gains exactly 0, but every trainable parameter is in the graph with a zero gradient,
@@ -303,9 +338,13 @@ class VLM(nn.Module):
         to take the same optimizer steps: AdamW moves a parameter with a zero gradient, not one without);
         and under FSDP every rank gathers the tower's weights, in eval too."""
         emb = self.llm.get_input_embeddings()(input_ids)
-        is_image = input_ids == self.image_token_id
-        is_region = input_ids == self.region_token_id if self.region_sampler is not None else torch.zeros_like(is_image)
-        n_images, n_regions = int(is_image.sum()), int(is_region.sum())
+        if image_positions is None:
+            image_positions = torch.nonzero(input_ids.flatten() == self.image_token_id).flatten()
+        if region_positions is None:
+            region_positions = torch.nonzero(input_ids.flatten() == self.region_token_id).flatten() \
+                if self.region_sampler is not None else image_positions[:0]
+        # the counts are the tensors' sizes, known without waiting for the device
+        n_images, n_regions = len(image_positions), len(region_positions)
         n_masks = 0 if region_masks is None else len(region_masks)
         if n_regions != n_masks:
             raise ValueError(f"the batch has {n_regions} region tokens but {n_masks} region masks")
@@ -326,7 +365,7 @@ class VLM(nn.Module):
             raise ValueError(f"the batch has {n_images} image tokens, but {feats.shape[0]} images x {feats.shape[1]} "
                              f"tokens each = {feats.shape[0] * feats.shape[1]}")
         else:
-            emb = emb.masked_scatter(is_image.unsqueeze(-1), feats.to(emb.dtype))
+            emb = write_at(emb, image_positions, feats)
         # Ferret: each region's features over its <region_fea> token (without Ferret, emb is the embedding)
         if self.region_sampler is None or not (n_regions or stand_in):
             return emb
@@ -336,20 +375,27 @@ class VLM(nn.Module):
         regions = self.region_sampler(self.vision_tower.feature_map(tower_feats)[region_image], region_masks)
         if not n_regions:
             return emb + 0 * regions.sum().to(emb.dtype)
-        return emb.masked_scatter(is_region.unsqueeze(-1), regions.to(emb.dtype))
+        return write_at(emb, region_positions, regions)
 
     def forward(self, batch):
         """Mean cross-entropy over the labelled tokens. The LM head runs on those positions only, so
-        the [B, T, vocab] logits of prompts and images are never made."""
+        the [B, T, vocab] logits of prompts and images are never made. No attention mask goes to the LLM:
+        right padding comes after every real token, so a causal mask already keeps it out of their attention,
+        and without one SDPA may take its flash kernel; packed rows (data.collate) get per-record attention
+        from their position_ids."""
         emb = self.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("region_masks"),
-                         batch.get("region_image"))
-        out = self.llm.base_model(inputs_embeds=emb, attention_mask=batch.get("attention_mask"),
-                                  position_ids=batch.get("position_ids"), use_cache=False)
-        labels = batch["labels"][:, 1:]
-        keep = labels != IGNORE_INDEX
-        logits = lm_head(self.llm, out.last_hidden_state[:, :-1][keep])
+                         batch.get("region_image"), batch.get("image_positions"), batch.get("region_positions"))
+        out = self.llm.base_model(inputs_embeds=emb, position_ids=batch.get("position_ids"), use_cache=False)
+        positions = batch.get("loss_positions")  # of the hidden states whose next token trains
+        if positions is None:
+            keep = batch["labels"].roll(-1, 1) != IGNORE_INDEX
+            keep[:, -1] = False
+            positions = torch.nonzero(keep.flatten()).flatten()
+        hidden = out.last_hidden_state.flatten(0, 1)
+        logits = lm_head(self.llm, hidden.index_select(0, positions))
+        targets = batch["labels"].flatten().index_select(0, positions + 1)
         # 0, not NaN, for a batch with nothing to train (a stand-in for an empty micro-batch, data.py)
-        return F.cross_entropy(logits.float(), labels[keep], reduction="sum") / keep.sum().clamp(min=1)
+        return F.cross_entropy(logits.float(), targets, reduction="sum") / max(len(positions), 1)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens=64, temperature=0.0,
@@ -385,6 +431,13 @@ class VLM(nn.Module):
             out = self.llm(input_ids=tok[:, None], attention_mask=attention_mask, position_ids=position_ids,
                            use_cache=True, **cache)
         return torch.stack(new, 1)
+
+
+def write_at(emb, positions, values):
+    """emb [B, T, D] with values [..., D] written at the flat positions (of B * T), in order: an index_copy,
+    which unlike masked_scatter needs no prefix sum over B * T * D, nor a nonzero in backward."""
+    flat = emb.flatten(0, 1).index_copy(0, positions, values.reshape(-1, emb.shape[-1]).to(emb.dtype))
+    return flat.view_as(emb)
 
 
 def sample_next(logits, temperature, top_p, generator=None):

@@ -56,11 +56,14 @@ def ask(model, tokenizer, template, image_args, images, questions, max_new_token
     for i, p in enumerate(prompts):
         input_ids[i, T - len(p):], attention_mask[i, T - len(p):] = torch.tensor(p), 1
     stop = stop_string(template, tokenizer)
-    new = model.generate(input_ids.to(device), attention_mask.to(device),
-                         torch.stack(pixels).to(device) if pixels else None, max_new_tokens, temperature, top_p,
-                         {tokenizer.eos_token_id}, generator, stop=ends_with_text(tokenizer, stop),
-                         region_masks=torch.stack(masks).to(device) if masks else None,
-                         region_image=torch.tensor(mask_image, device=device) if masks else None)
+    # on a GPU in bf16 autocast over the fp32 weights, as trained (a CPU stays in float32: bf16 is slow there)
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        new = model.generate(input_ids.to(device), attention_mask.to(device),
+                             torch.stack(pixels).to(device) if pixels else None, max_new_tokens, temperature, top_p,
+                             {tokenizer.eos_token_id}, generator, stop=ends_with_text(tokenizer, stop),
+                             region_masks=torch.stack(masks).to(device) if masks else None,
+                             region_image=torch.tensor(mask_image, device=device) if masks else None)
     texts = tokenizer.batch_decode(new.tolist(), skip_special_tokens=True)
     return [t.split(stop)[0].strip() for t in texts]
 

@@ -36,11 +36,11 @@ from data import (ShardDataset, collate, epoch_batches, global_batches, make_if_
                   rank_batches, read_manifest)
 from eval import evaluate, report
 from lora import apply_lora, base_checksum, find_targets, has_lora, is_lora
-from model import TOKENIZER_FIELDS, VLM, VLMConfig
+from model import TOKENIZER_FIELDS, VLM, VLMConfig, check_packing
 from plot import plot_curves
 from train_utils import (PREEMPTED, STOP, blocks, check_settings, checkpoint_blocks, exit_distributed, gpu_peak_flops,
                          init_distributed, interval_stats, log_line, lr_multiplier, split_batch, stage_starts,
-                         stop_on_signals, train_flops, trim_log, val_losses)
+                         stop_on_signals, take_rank0_weights, train_flops, trim_log, val_losses)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -73,6 +73,7 @@ max_skipped = 0.5  # the share of a data file's records that may be skipped; mor
 allow_outside_images = False  # image names may lead out of their image folder ('..', absolute paths)
 image_aspect_ratio = "pad"  # 'pad' (LLaVA's expand2square), 'square_nocrop' (Ferret), 'crop'
 model_max_length = 2048  # tokens, image tokens included
+packing = False  # a global batch's records packed into rows of up to model_max_length tokens: no padding, same loss
 num_workers = 0  # DataLoader workers that read images
 tokenizer_name_or_path = "data/shapes/tokenizer"  # None: the tokenizer of model_name_or_path
 # model: every field of model.VLMConfig (model_name_or_path, vision_tower, mm_projector_type, ...) is a config
@@ -118,6 +119,7 @@ fsdp_reshard_after_forward = True  # True frees gathered weights after forward (
 max_bad_steps = 0  # steps with a non-finite loss or gradient that are skipped (not applied); one more stops the run
 activation_checkpointing = False  # recompute each block of the LLM (and a training tower) in backward: less memory
 peak_flops = 0.0  # the device's peak FLOP/s at dtype, for the MFU in the log; 0: known GPUs are looked up
+attn_implementation = "sdpa"  # the LLM's: 'sdpa', 'eager', 'flex_attention', 'flash_attention_2' (where installed)
 dist_timeout = 600  # seconds a collective waits for a stuck or dead rank before the job ends (rank 0's own work waits)
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -165,19 +167,27 @@ if ddp:
 # model and tokenizer ----------------------------------------------------------
 state = {"iter": 0, "epoch": 0, "epoch_step": 0}
 ckpt = find_checkpoint(init_from, out_dir, log)
+# ranks other than 0 build the model on the meta device, its shapes without weights: rank 0's come by broadcast
+# once it is sharded (FSDP) or wrapped (DDP), so that no host holds a whole model per process
+meta = ddp and not master
 if ckpt:
     log(f"loading {ckpt}")
-    model, _ = load(ckpt)
+    with torch.device("meta") if meta else nullcontext():
+        model, _ = load(ckpt)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
 else:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or config["model_name_or_path"])
     add_tokens(tokenizer, config["add_region_feature"])  # <image>, and Ferret's <region_fea>
     region_id = tokenizer.convert_tokens_to_ids(REGION_TOKEN) if config["add_region_feature"] else None  # Ferret
-    model = VLM(VLMConfig(**{k: config[k] for k in model_defaults}, vocab_size=len(tokenizer),
-                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), region_token_id=region_id))
+    with torch.device("meta") if meta else nullcontext():
+        model = VLM(VLMConfig(**{k: config[k] for k in model_defaults}, vocab_size=len(tokenizer),
+                              image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), region_token_id=region_id))
 if config["add_region_feature"] != (model.region_sampler is not None):  # Ferret
     raise ValueError(f"add_region_feature={config['add_region_feature']}, but the model of {ckpt} differs: a "
                      "Ferret model starts from model_name_or_path (and pretrain_mm_mlp_adapter), as Ferret's does")
+model.llm.set_attn_implementation(attn_implementation)
+if packing and not meta:  # only where the LLM keeps a packed record's attention within it: one forward tells
+    check_packing(model.llm)
 if tokenizer.pad_token_id is None:
     tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id will do
 if lora_enable and not has_lora(model):
@@ -188,7 +198,7 @@ if lora_enable and not has_lora(model):
 elif has_lora(model) and not lora_enable:
     raise ValueError(f"{ckpt} has LoRA adapters: train them on with lora_enable=True, or merge them into the "
                      "weights first (python export.py --ckpt=... --merged_dir=...)")
-if pretrain_mm_mlp_adapter and init_from != "resume":  # a resumed run has its own, trained since
+if pretrain_mm_mlp_adapter and init_from != "resume" and not meta:  # a resumed run has its own, trained since
     load_projector(model, pretrain_mm_mlp_adapter)
     log(f"projector from {pretrain_mm_mlp_adapter}")
 
@@ -211,8 +221,8 @@ for module, lr in parts:
         # e.g. layers after mm_vision_select_layer: DDP and FSDP want every trainable parameter to get a gradient
         model.vision_tower.freeze_unused()
 trained_names = {n for n, p in model.named_parameters() if p.requires_grad}
-if has_lora(model):  # what tells, when the adapters are loaded, that their base is still the same
-    model.lora_checksum = base_checksum(model, trained_names)
+if has_lora(model):  # what tells, when the adapters are loaded, that their base is still the same (rank 0 saves)
+    model.lora_checksum = None if meta else base_checksum(model, trained_names)
 if not model.vision_tower.trainable and ptdtype != torch.float32:
     model.vision_tower.to(ptdtype)  # a frozen tower never updates: an fp32 copy would only take memory
 log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, trainable "
@@ -227,7 +237,11 @@ if activation_checkpointing:  # a frozen tower runs without autograd: nothing to
     recomputed = blocks(model.llm) + (blocks(model.vision_tower.encoder) if model.vision_tower.trainable else [])
     checkpoint_blocks(recomputed)
     log(f"activation checkpointing: {len(recomputed)} blocks")
+if compile:  # block by block (torchtitan's way), before DDP and FSDP: their hooks stay outside the compiled code
+    for block in blocks(model.vision_tower.encoder) + blocks(model.llm):
+        block.compile()
 raw_model = model  # the VLM itself, for its parts and for saving (under FSDP it is the sharded module)
+whole = model.state_dict() if fsdp and master else {}  # rank 0's weights for every rank's shards, from before sharding
 if fsdp:
     # each block is an FSDP unit: its weights are all-gathered just before it runs and freed after, its
     # gradients reduce-scattered as soon as backward leaves it; the root holds the rest (embeddings,
@@ -238,12 +252,22 @@ if fsdp:
     units = blocks(model.vision_tower.encoder) + blocks(model.llm)
     for block in units:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=fsdp_reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=fsdp_reshard_after_forward)
+    # the root (embeddings, projector, head) keeps its gathered weights: backward starts with them
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     log(f"FSDP: {len(units)} blocks and the root, over {world} processes" +
         ("" if blocks(model.llm) else "; the LLM names no blocks (_no_split_modules): it is sharded as one unit"))
-model.to(device)  # after LoRA: a base kept in bf16 never sits on the device in fp32
-if compile:
-    model = torch.compile(model)
+if meta:  # room for rank 0's weights: FSDP's shards, or DDP's whole replica, which DDP broadcasts itself
+    model.to_empty(device=device)
+    if not fsdp:  # to_empty makes each module's parameters anew: a head tied to the embeddings comes apart
+        model.llm.tie_weights()
+else:
+    model.to(device)  # after LoRA: a base kept in bf16 never sits on the device in fp32
+if fsdp:
+    take_rank0_weights(model, whole)
+    del whole
+if world > 1:
+    log(f"ranks 1-{world - 1}: the model's shapes on the meta device, then rank 0's weights by broadcast")
+torch.manual_seed(seed)  # every rank's random stream (dropout, Ferret's points) the same, whoever drew the init
 if ddp and not fsdp:
     model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
 
@@ -256,8 +280,8 @@ for module, lr in parts:
     decays = [p.dim() >= 2 and id(p) not in no_decay for p in params]
     groups += [{"params": [p for p, d in zip(params, decays) if d], "weight_decay": weight_decay, "base_lr": lr},
                {"params": [p for p, d in zip(params, decays) if not d], "weight_decay": 0.0, "base_lr": lr}]
-optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=(beta1, beta2),
-                              fused=device_type == "cuda")
+# fused: one kernel over all parameters, on a GPU and on a CPU too (4-6x foreach's speed there, BENCHMARKS.md)
+optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=(beta1, beta2), fused=True)
 if init_from == "resume":  # the optimizer state, the data position and the RNG of the checkpoint
     state = load_train_state(ckpt, model, optimizer)
 
@@ -312,14 +336,21 @@ def loader(dataset, batches):
     # its own generator: a DataLoader would otherwise draw its workers' seed from the global RNG, at a point
     # where a resumed run is not, and dropout would differ after a resume
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                                       collate_fn=lambda s: collate(s, tokenizer.pad_token_id),
+                                       collate_fn=lambda s: collate(s, tokenizer.pad_token_id, raw_model.image_token_id,
+                                                                    raw_model.region_token_id, pack_len),
                                        pin_memory=device_type == "cuda", generator=torch.Generator().manual_seed(seed))
+
+
+pack_len = model_max_length if packing else 0
+# packed micro-batches are balanced by cost: a record's tokens, and its images in tokens' worth of the LLM's compute
+costs = train_data.lengths + step_flops.tokens_per_image * np.diff(train_data.image_index)
 
 
 def train_batches():
     """Micro-batches forever, from the saved data position on; state['epoch'/'epoch_step'] track it."""
     while True:
-        batches = rank_batches(train_epoch(state["epoch"]), micro_batch, accum, rank, world, state["epoch_step"])
+        batches = rank_batches(train_epoch(state["epoch"]), micro_batch, accum, rank, world, state["epoch_step"],
+                               costs if packing else None)
         yield from loader(train_data, batches)
         state["epoch"], state["epoch_step"] = state["epoch"] + 1, 0
 
@@ -361,7 +392,7 @@ stop_on_signals()  # preemption: a checkpoint at the next step boundary, then ou
 model.train()  # a frozen tower stays in eval mode (VisionTower.train): no dropout, BatchNorm statistics kept
 batches = train_batches()
 t_start, start_iter = time.time(), state["iter"]
-t_log, counts, ckpt_path, bad_steps = t_start, np.zeros(3), None, 0  # counts since the last log line
+t_log, counts, ckpt_path, bad_steps = t_start, np.zeros(4), None, 0  # counts since the last log line
 while state["iter"] < max_iters:
     it = state["iter"]
     for g in optimizer.param_groups:
@@ -372,11 +403,12 @@ while state["iter"] < max_iters:
     n_tokens = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches]
     for b, n in zip(micro_batches, n_tokens):
         if n:  # not a stand-in for an empty micro-batch
-            counts += (int(b["attention_mask"].sum()), int((b["labels"] != IGNORE_INDEX).sum()), step_flops(b))
+            counts += (int(b["attention_mask"].sum()), n, step_flops(b), b["input_ids"].numel())
     # the step's loss is the mean over all trained tokens of the global batch, however the batch is
     # split over processes and micro-steps: weigh each micro-batch's mean by its share of the tokens
     # (DDP and FSDP then average the processes' gradients, hence the factor world)
-    flags = torch.tensor([float(sum(n_tokens)), float(bool(STOP))], device=device)
+    flags = torch.tensor([float(sum(n_tokens)), float(bool(STOP))], pin_memory=device_type == "cuda")
+    flags = flags.to(device, non_blocking=True)  # from pinned memory: the host does not wait for the device
     if ddp:  # the global batch's trained tokens, and in the same collective: was any process asked to stop?
         dist.all_reduce(flags)
     n_global = flags[0]
@@ -410,7 +442,7 @@ while state["iter"] < max_iters:
                                peak_flops, device)
         log(log_line(state["iter"], max_iters, stats, time.time() - t_start, state["iter"] - start_iter))
         record({**stats, "elapsed_s": round(time.time() - t_start, 2)})  # wall time, evaluations included
-        t_log, counts = time.time(), np.zeros(3)
+        t_log, counts = time.time(), np.zeros(4)
     if state["iter"] % eval_interval == 0 or state["iter"] == max_iters:
         t_eval = time.time()
         if val_data is not None:

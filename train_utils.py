@@ -17,6 +17,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
@@ -24,9 +25,9 @@ from torch.utils.checkpoint import checkpoint
 import lora
 from conversation import IGNORE_INDEX
 
-# dense bf16 tensor-core peaks, by a part of the device's name (the first that matches: the more specific first)
-PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12,
-             "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12}
+# dense bf16 tensor-core peaks, by a part of the device's name
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
+             "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12}
 
 
 def blocks(module):
@@ -82,38 +83,48 @@ def train_flops(model):
     per_image = counter.get_total_flops()
 
     def flops(batch):
-        lengths = batch["attention_mask"].sum(1).double()
+        tokens = batch["attention_mask"].sum().double()
         trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        # each token attends to those of its record before it and itself (position_ids restart per packed record)
+        positions = batch.get("position_ids", batch["attention_mask"].cumsum(1) - 1)
+        attended = ((positions + 1) * batch["attention_mask"]).sum().double()
         # attention multiplies activations by activations: a backward through it is always 2 forwards
-        attention = (3 if llm_passes > 1 else 1) * 4 * layers * width * (lengths ** 2).sum()
-        return float(llm_passes * (2 * body * lengths.sum() + 2 * width * vocab * trained) + attention
-                     + 3 * 2 * adapters * lengths.sum() + tower_passes * per_image * len(batch["pixel_values"]))
+        attention = (3 if llm_passes > 1 else 1) * 4 * layers * width * 2 * attended
+        return float(llm_passes * (2 * body * tokens + 2 * width * vocab * trained) + attention
+                     + 3 * 2 * adapters * tokens + tower_passes * per_image * len(batch["pixel_values"]))
+    # what an image costs in tokens' worth of the LLM, for balancing packed micro-batches (data.deal_rows)
+    flops.tokens_per_image = tower_passes * per_image / (llm_passes * 2 * body + 3 * 2 * adapters or 1)
     return flops
 
 
 def gpu_peak_flops(device_name):
-    """The device's dense bf16 peak FLOP/s from PEAK_BF16, or 0 for a device not in it (set peak_flops then)."""
-    return next((v for k, v in PEAK_BF16.items() if k in device_name), 0.0)
+    """The device's dense bf16 peak FLOP/s from PEAK_BF16 (the longest name in it that the device's holds: an
+    "H200 NVL" is not an "H200"), or 0 for a device not in it (set peak_flops then)."""
+    names = [k for k in PEAK_BF16 if k in device_name]
+    return PEAK_BF16[max(names, key=len)] if names else 0.0
 
 
 def interval_stats(loss_sum, counts, seconds, lr, grad_norm, peak_flops, device):
     """The numbers of a log line, over all processes: the global batch's loss (the mean of theirs), their
-    counts of tokens, trained tokens and FLOPs since the last line per second, summed, and the largest peak
-    memory (CUDA: allocated since the last line; CPU: the process's resident peak)."""
+    counts (tokens, trained tokens, FLOPs, positions: tokens and padding) since the last line, per second
+    and summed, the share of positions that were padding, and the largest peak memory (CUDA: allocated since
+    the last line; CPU: the process's resident peak). One wait for the device."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     memory = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    sums, memory = torch.tensor([loss_sum.item(), *counts], device=device), torch.tensor(float(memory), device=device)
+    sums = torch.cat([loss_sum.reshape(1).float(), torch.tensor(counts, dtype=torch.float32, device=device)])
+    memory = torch.tensor(float(memory), device=device)
     if dist.is_initialized():
         dist.all_reduce(sums)
         dist.all_reduce(memory, op=dist.ReduceOp.MAX)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    tokens_per_s, trained_per_s, flops_per_s = (sums[1:] / seconds).tolist()
-    return {"train/loss": sums[0].item() / world, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s,
-            "trained_tokens_per_s": trained_per_s, "tflops_per_process": flops_per_s / world / 1e12,
-            "peak_memory_gib": memory.item() / 2**30,
-            **({"mfu": flops_per_s / (world * peak_flops)} if peak_flops else {})}
+    loss, tokens, trained, flops, positions, memory, grad_norm = \
+        torch.cat([sums, memory.reshape(1), grad_norm.reshape(1).float()]).tolist()
+    return {"train/loss": loss / world, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / seconds,
+            "trained_tokens_per_s": trained / seconds, "padding": 1 - tokens / max(positions, 1),
+            "tflops_per_process": flops / seconds / world / 1e12, "peak_memory_gib": memory / 2**30,
+            **({"mfu": flops / seconds / (world * peak_flops)} if peak_flops else {})}
 
 
 def stage_starts(sources, max_iters):
@@ -161,8 +172,8 @@ def log_line(step, max_iters, stats, elapsed, steps_run):
     mfu = f", MFU {100 * stats['mfu']:.1f}%" if "mfu" in stats else ""
     return (f"step {step}/{max_iters} | loss {stats['train/loss']:.4f} | lr {stats['lr']:.2e} | "
             f"grad {stats['grad_norm']:.2f} | {stats['tokens_per_s']:.0f} tok/s ({stats['trained_tokens_per_s']:.0f} "
-            f"trained) | {stats['tflops_per_process']:.3g} TFLOP/s per process{mfu} | peak mem "
-            f"{stats['peak_memory_gib']:.2f} GiB | {elapsed / 60:.1f} min, "
+            f"trained, padding {100 * stats['padding']:.0f}%) | {stats['tflops_per_process']:.3g} TFLOP/s per "
+            f"process{mfu} | peak mem {stats['peak_memory_gib']:.2f} GiB | {elapsed / 60:.1f} min, "
             f"ETA {(max_iters - step) * elapsed / steps_run / 60:.1f} min")
 
 
@@ -199,6 +210,17 @@ def split_batch(batch_size, gradient_accumulation_steps, world):
         return 1, batch_size // world
     raise ValueError(f"{world} processes cannot share gradient_accumulation_steps={gradient_accumulation_steps} "
                      f"or batch_size={batch_size}: make one of them divisible by {world}")
+
+
+def take_rank0_weights(model, whole):
+    """FSDP, the ranks other than 0 having built the model on the meta device (and to_empty'd it): every rank's
+    shards from rank 0's whole state_dict (whole; {} on the others), by broadcast, and the buffers that a
+    state_dict leaves out (rotary inv_freq, position ids) too."""
+    persistent = set(model.state_dict())
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buffer in model.named_buffers():
+        if name not in persistent:
+            dist.broadcast(buffer, 0)
 
 
 def reshard(model):

@@ -23,8 +23,8 @@ image_folder = "playground/data"
 val_data_path = ""
 eval_data_path = ""
 image_aspect_ratio = "pad"
-group_by_modality_length = True  # batches of image or of text-only records, each of similar lengths
 model_max_length = 2048
+packing = True  # records packed into rows of model_max_length, each seeing only itself: no padding, the same loss
 batch_size = 16  # x 8 GPUs = global batch 128
 gradient_accumulation_steps = 1
 max_iters = 0  # one epoch

@@ -205,3 +205,22 @@ def test_rank_0s_own_work_may_outlast_the_timeout(shapes, train, tmp_path):
     run = train(tmp_path / "run", nproc=2, max_iters=2, batch_size=4, dist_timeout=2,
                 eval_data_path=tmp_path / "questions.json")
     assert sorted(run.steps) == [1, 2] and json.loads((tmp_path / "run" / "eval.json").read_text())["n_questions"]
+
+
+def test_from_pretrained_folders_the_other_ranks_take_rank_0s_weights(train, tokenizer, tmp_path):
+    """Ranks other than 0 build the model's shapes on the meta device, without reading the folders' weights, and
+    take rank 0's by broadcast (FSDP: into their shards; the rotary and position-id buffers too): the run trains
+    as one process does. A rank that kept its empty weights would give other losses, or none."""
+    from conftest import TINY_LLM, TINY_TOWER
+    from transformers import AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+
+    from model import hf_config
+    AutoModelForCausalLM.from_config(hf_config(dict(TINY_LLM, vocab_size=len(tokenizer)))).save_pretrained(
+        tmp_path / "llm")
+    CLIPVisionModel(CLIPVisionConfig(**{k: v for k, v in TINY_TOWER.items() if k != "model_type"})).save_pretrained(
+        tmp_path / "tower")
+    folders = dict(model_name_or_path=tmp_path / "llm", vision_tower=tmp_path / "tower", **COMMON)
+    one = train(tmp_path / "one", **folders)
+    two = train(tmp_path / "two", nproc=2, parallel="fsdp", **folders)
+    assert "ranks 1-1: the model's shapes on the meta device, then rank 0's weights by broadcast" in two.stdout
+    compare(one, two)

@@ -433,8 +433,11 @@ def test_points_fall_inside_their_mask_at_pixel_centers():
         cols, rows = pts[:, 0] * 32 - 0.5, pts[:, 1] * 16 - 0.5
         assert torch.equal(cols, cols.round()) and m[rows.long(), cols.long()].all()
     assert len({tuple(p.tolist()) for p in xy[0]}) == 6 and len({tuple(p.tolist()) for p in xy[1]}) == 20
+    empty = {"input_ids": torch.ones(3, dtype=torch.long), "labels": torch.ones(3, dtype=torch.long),
+             "pixel_values": torch.zeros(1, 3, 4, 4), "region_masks": torch.zeros(1, 4, 4, dtype=torch.bool),
+             "region_image": torch.zeros(1, dtype=torch.long)}
     with pytest.raises(ValueError, match="empty region mask"):
-        sample_points(torch.zeros(1, 4, 4, dtype=torch.bool), 3)
+        collate([empty], 0)
 
 
 def test_farthest_points_spread_over_the_region():

@@ -217,14 +217,14 @@ def test_logs_throughput_flops_memory_and_wandb_offline(shapes, tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("step 2/2")][0]
-    assert re.search(r"\| \d+ tok/s \(\d+ trained\) \| [\d.e+-]+ TFLOP/s per process "
+    assert re.search(r"\| \d+ tok/s \(\d+ trained, padding \d+%\) \| [\d.e+-]+ TFLOP/s per process "
                      r"\| peak mem [\d.]+ GiB \|", line), line
     # the run's full config and its logged values, in wandb's offline run file (protobuf records, whose
     # keys are stored as plain strings), to be synced later with `wandb sync`
     (record,) = (tmp_path / "wandb").glob("offline-run-*/*.wandb")
     data = record.read_bytes()
     for key in ("learning_rate", "lora_r", "fsdp_reshard_after_forward", "train/loss", "grad_norm", "tokens_per_s",
-                "tflops_per_process", "peak_memory_gib"):
+                "tflops_per_process", "peak_memory_gib", "padding"):
         assert key.encode() in data, key
 
 

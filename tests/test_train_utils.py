@@ -8,7 +8,7 @@ from conftest import TINY_LLM
 from test_model import LLMS, TOWERS, get_batch, make_model
 
 from model import hf_config
-from train_utils import blocks, checkpoint_blocks, train_flops
+from train_utils import blocks, checkpoint_blocks, gpu_peak_flops, train_flops
 
 
 def test_blocks_are_the_repeated_layers():
@@ -118,3 +118,11 @@ def test_a_resumed_log_keeps_the_lines_up_to_its_step(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 5, 10]
     trim_log(tmp_path / "none.jsonl", 3)  # a first run has none
     assert not (tmp_path / "none.jsonl").exists()
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12),
+                                       ("NVIDIA GH200 480GB", 989e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                                       ("NVIDIA H100 PCIe", 756e12), ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12),
+                                       ("Tesla T4", 0.0)])
+def test_the_device_peak_is_the_longest_name_it_holds(name, peak):
+    assert gpu_peak_flops(name) == peak
