@@ -581,7 +581,7 @@ def bench_gpu(llm=QWEN2_05B, tower=SIGLIP_B, steps=30, images=2000, batch_size=1
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith(f"step {steps}/")]
-            error = out.stderr.strip().splitlines()[-1] if out.returncode or not line else ""
+            error = (out.stderr.strip().splitlines() or ["no output"])[-1] if out.returncode or not line else ""
         except subprocess.TimeoutExpired:
             line, error = [], f"over {timeout} s"
         if error or not line:
@@ -749,7 +749,7 @@ def bench_probe(data="data/shapes", n_train=1500):
 if __name__ == "__main__":
     globals().update(configurator.configure(dict(what=what, seed=seed, out_dir=out_dir), sys.argv[1:]))
     names = [n[len("bench_"):] for n in list(globals()) if n.startswith("bench_")]
-    for name in names if what == "all" else [what]:
+    for name in [n for n in names if n != "gpu"] if what == "all" else [what]:  # gpu: for a lent GPU alone
         if name not in names:
             sys.exit(f"unknown benchmark {name!r}; known: {', '.join(names)}")
         print(f"== {name}")

@@ -154,7 +154,7 @@ def load(path, device="cpu"):
     LLaVA folder loads too (its config comes back under "hf_llava")."""
     if is_hf_llava(path):
         model = from_hf_llava(path)
-        return model.to(device), {"model": asdict(model.config), "hf_llava": str(path)}
+        return model if on_meta() else model.to(device), {"model": asdict(model.config), "hf_llava": str(path)}
     cfg_file, weights = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
     for f in (cfg_file, weights):
         if not os.path.exists(f):

@@ -569,8 +569,8 @@ def pack(lengths, capacity):
     capacity, best = max(capacity, *lengths), None
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
     fewest = -(-sum(lengths) // capacity)
-    # one record a row always fits; 16 more rows than the fewest are enough to find an even layout, and cheap
-    for n_rows in range(fewest, min(len(lengths), fewest + 16) + 1):
+    # up to 16 more rows than the fewest find an even layout, cheaply; one record a row always fits
+    for n_rows in [*range(fewest, min(len(lengths), fewest + 16) + 1), len(lengths)]:
         heap, rows = [(0, r) for r in range(n_rows)], [[] for _ in range(n_rows)]
         for i in order:
             used, r = heapq.heappop(heap)

@@ -73,7 +73,9 @@ def on_meta():
 
 def hf_config(spec):
     """A config dict (with model_type) -> a transformers config."""
-    spec = {k: v for k, v in spec.items() if k not in ("image_mean", "image_std", "transformers_version")}
+    # a random init is fp32 whatever dtype the dict was saved from (train.py casts what it keeps in bf16)
+    spec = {k: v for k, v in spec.items() if k not in ("image_mean", "image_std", "transformers_version", "dtype",
+                                                        "torch_dtype")}
     return AutoConfig.for_model(spec.pop("model_type"), **spec)
 
 
@@ -107,8 +109,8 @@ class VisionTower(nn.Module):
         else:  # a full CLIP/SigLIP checkpoint holds a text tower too: load only the vision part
             config = AutoConfig.from_pretrained(spec)
             config = getattr(config, "vision_config", config)
-            self.encoder = AutoModel.from_config(config) if on_meta() else \
-                AutoModel.from_pretrained(spec, config=config)
+            self.encoder = AutoModel.from_config(config, dtype=torch.float32) if on_meta() else \
+                AutoModel.from_pretrained(spec, config=config, dtype=torch.float32)
             mean, std = read_mean_std(spec)
         c = self.encoder.config
         default_mean, default_std = DEFAULT_MEAN_STD.get(c.model_type, ([0.5] * 3, [0.5] * 3))
@@ -252,12 +254,13 @@ def check_packing(llm):
     """Packing (data.collate) needs the LLM to keep each packed record's attention within it, told only by
     position_ids that restart at 0 (transformers builds that mask when it gets no attention mask; a family or
     an attn_implementation that does not would let a record read the one before it, and train on that
-    silently). One forward of two short records packed, against the second alone, tells."""
+    silently). One forward of two rows, as collate makes them: two short records packed, and the second alone,
+    tells (on more than one row: a kernel may honour packing in a batch of one row only)."""
     was_training = llm.training
-    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7]], device=llm.device)
-    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=llm.device)
-    alone = llm.eval().base_model(input_ids=ids[:, 3:], use_cache=False).last_hidden_state
-    packed = llm.base_model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[:, 3:]
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7], [4, 5, 6, 7, 0, 0, 0]], device=llm.device)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6]], device=llm.device)
+    out = llm.eval().base_model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+    packed, alone = out[0, 3:], out[1, :4]
     llm.train(was_training)
     if not torch.allclose(packed.float(), alone.float(), rtol=1e-3, atol=1e-3):
         raise ValueError(f"packing=True: {llm.config.model_type} with attn_implementation="
@@ -291,7 +294,7 @@ class VLM(nn.Module):
         if isinstance(llm, dict):  # a random init sized to the tokenizer, unless the dict says otherwise
             self.llm = AutoModelForCausalLM.from_config(hf_config({"vocab_size": config.vocab_size, **llm}))
         elif on_meta():  # its architecture: the weights come from rank 0
-            self.llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llm))
+            self.llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llm), dtype=torch.float32)
         else:
             self.llm = AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32)
         resize_embeddings(self.llm, config.vocab_size)

@@ -56,7 +56,7 @@ def ask(model, tokenizer, template, image_args, images, questions, max_new_token
     for i, p in enumerate(prompts):
         input_ids[i, T - len(p):], attention_mask[i, T - len(p):] = torch.tensor(p), 1
     stop = stop_string(template, tokenizer)
-    # on a GPU in bf16 autocast over the fp32 weights, as trained (a CPU stays in float32: bf16 is slow there)
+    # on a GPU in bf16 autocast over the fp32 weights, whatever dtype trained them (a CPU stays in float32)
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         new = model.generate(input_ids.to(device), attention_mask.to(device),

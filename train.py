@@ -119,7 +119,7 @@ fsdp_reshard_after_forward = True  # True frees gathered weights after forward (
 max_bad_steps = 0  # steps with a non-finite loss or gradient that are skipped (not applied); one more stops the run
 activation_checkpointing = False  # recompute each block of the LLM (and a training tower) in backward: less memory
 peak_flops = 0.0  # the device's peak FLOP/s at dtype, for the MFU in the log; 0: known GPUs are looked up
-attn_implementation = "sdpa"  # the LLM's: 'sdpa', 'eager', 'flex_attention', 'flash_attention_2' (where installed)
+attn_implementation = None  # the LLM's: 'sdpa', 'eager', 'flex_attention', 'flash_attention_2'; None: its default
 dist_timeout = 600  # seconds a collective waits for a stuck or dead rank before the job ends (rank 0's own work waits)
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -185,7 +185,8 @@ else:
 if config["add_region_feature"] != (model.region_sampler is not None):  # Ferret
     raise ValueError(f"add_region_feature={config['add_region_feature']}, but the model of {ckpt} differs: a "
                      "Ferret model starts from model_name_or_path (and pretrain_mm_mlp_adapter), as Ferret's does")
-model.llm.set_attn_implementation(attn_implementation)
+if attn_implementation:
+    model.llm.set_attn_implementation(attn_implementation)
 if packing and not meta:  # only where the LLM keeps a packed record's attention within it: one forward tells
     check_packing(model.llm)
 if tokenizer.pad_token_id is None:
@@ -237,7 +238,7 @@ if activation_checkpointing:  # a frozen tower runs without autograd: nothing to
     recomputed = blocks(model.llm) + (blocks(model.vision_tower.encoder) if model.vision_tower.trainable else [])
     checkpoint_blocks(recomputed)
     log(f"activation checkpointing: {len(recomputed)} blocks")
-if compile:  # block by block (torchtitan's way), before DDP and FSDP: their hooks stay outside the compiled code
+if compile:  # block by block (torchtitan's way), before DDP and FSDP: dynamo leaves FSDP2's hooks at their edges eager
     for block in blocks(model.vision_tower.encoder) + blocks(model.llm):
         block.compile()
 raw_model = model  # the VLM itself, for its parts and for saving (under FSDP it is the sharded module)

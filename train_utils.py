@@ -80,7 +80,10 @@ def train_flops(model):
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         p = next(tower.parameters())
         tower(torch.zeros(1, 3, tower.image_size, tower.image_size, device=p.device, dtype=p.dtype))
-    per_image = counter.get_total_flops()
+    per_image = [counter.get_total_flops()]
+    if dist.is_initialized():  # rank 0's count for all: on the meta device (the others' model) some ops count apart,
+        dist.broadcast_object_list(per_image, 0)  # and packed micro-batches must be dealt alike on every rank
+    per_image = per_image[0]
 
     def flops(batch):
         tokens = batch["attention_mask"].sum().double()
@@ -92,7 +95,7 @@ def train_flops(model):
         attention = (3 if llm_passes > 1 else 1) * 4 * layers * width * 2 * attended
         return float(llm_passes * (2 * body * tokens + 2 * width * vocab * trained) + attention
                      + 3 * 2 * adapters * tokens + tower_passes * per_image * len(batch["pixel_values"]))
-    # what an image costs in tokens' worth of the LLM, for balancing packed micro-batches (data.deal_rows)
+    # what an image costs in tokens' worth of the LLM, for balancing packed micro-batches (data.deal)
     flops.tokens_per_image = tower_passes * per_image / (llm_passes * 2 * body + 3 * 2 * adapters or 1)
     return flops
 
@@ -263,6 +266,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 CHOICES = {"dtype": DTYPES, "lora_base_dtype": DTYPES, "parallel": ("ddp", "fsdp"),
            "image_aspect_ratio": ("pad", "square_nocrop", "crop"),
            "mm_vision_select_feature": ("patch", "cls_patch"), "sampler_pooler_mode": ("mean", "max"),
+           "attn_implementation": (None, "sdpa", "eager", "flex_attention", "flash_attention_2"),
            "point_input_sample": ("center", "gaussian", "segment_mask|uniform", "segment_mask|center")}
 AT_LEAST = {"batch_size": 1, "gradient_accumulation_steps": 1, "eval_interval": 1, "log_interval": 1, "eval_iters": 1,
             "keep_last": 1, "model_max_length": 1, "num_train_epochs": 1, "lora_r": 1, "mm_patch_merge": 1,
@@ -297,6 +301,10 @@ def check_settings(c):
     if c["lora_enable"] and (c["tune_mm_mlp_adapter"] or c["freeze_backbone"]):
         raise ValueError("lora_enable=True trains the LLM through adapters: it cannot also be frozen "
                          "(tune_mm_mlp_adapter or freeze_backbone)")
+    if c["packing"] and c["attn_implementation"] == "flash_attention_2":
+        raise ValueError("packing=True with attn_implementation='flash_attention_2': transformers reads packed records "
+                         "from position_ids for flash-attention in a batch of one row only, and collate packs "
+                         "several: use 'sdpa' or 'flex_attention'")
     if c["llm_from_stage"] and not c["curriculum"]:
         raise ValueError(f"llm_from_stage={c['llm_from_stage']} needs curriculum=True: the stages are its data files")
     if c["min_lr"] > c["learning_rate"]:

@@ -1,4 +1,4 @@
-"""Packing (data.collate with pack_len, data.rank_batches with capacity): a packed step is the padded step on
+"""Packing (data.collate with pack_len, data.rank_batches with costs): a packed step is the padded step on
 the same records, for each LLM family, with images, text-only records, several images per record and
 Ferret's regions in the mix; a mask that lets a packed record see its neighbour is caught."""
 import os
@@ -147,6 +147,7 @@ def test_rows_hold_every_record_within_capacity_and_pad_little(seed):
     assert 1 - sum(lengths) / (len(rows) * max(used)) < 0.03  # padding, against 1 - mean / max padded
     assert 1 - np.mean(lengths) / max(lengths) > 0.3
     assert pack([3000, 10, 20], 2048) == [[0], [2, 1]]  # a record over capacity (none is) raises it
+    assert len(pack([1100] * 40, 2048)) == 40  # no two fit a row: one each, however many
 
 
 def test_micro_batches_cost_about_the_same():
@@ -234,3 +235,32 @@ def test_a_training_step_hardly_waits_for_the_device(packed):
     with HostWaits() as waits:  # the counter sees what it is for
         loss.item(), torch.nonzero(batch["labels"]), batch["labels"][batch["labels"] > 0]
     assert [name for name, _ in waits.seen] == ["_local_scalar_dense", "nonzero", "index"]
+
+
+def test_the_other_ranks_build_what_rank_0_does_from_a_bf16_folder(tmp_path):
+    """On the meta device (train.py's ranks other than 0) the model has rank 0's shapes and dtypes, fp32, from a
+    folder saved in bf16 as most hub models are; and the packing check runs on it, unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from model import hf_config
+    AutoModelForCausalLM.from_config(hf_config(dict(FAMILIES["qwen2"], vocab_size=VOCAB))).to(
+        torch.bfloat16).save_pretrained(tmp_path / "llm")
+    config = VLMConfig(model_name_or_path=str(tmp_path / "llm"), vision_tower=TINY_TOWER, vocab_size=VOCAB,
+                       image_token_id=IMAGE)
+    whole = VLM(config)
+    with torch.device("meta"):
+        shapes = VLM(config)
+    a, b = dict(whole.named_parameters()), dict(shapes.named_parameters())
+    assert a.keys() == b.keys() and all(b[n].is_meta and b[n].shape == a[n].shape for n in a)
+    assert {p.dtype for p in a.values()} == {p.dtype for p in b.values()} == {torch.float32}
+    check_packing(whole.llm)
+
+
+def test_packing_refuses_flash_attention_2():
+    """transformers reads packed records from position_ids for flash-attention in a batch of one row only."""
+    from test_configurator import train_defaults
+
+    from train_utils import check_settings
+    with pytest.raises(ValueError, match="in a batch of one row only"):
+        check_settings({**train_defaults(), "packing": True, "attn_implementation": "flash_attention_2"})
+    check_settings({**train_defaults(), "packing": True, "attn_implementation": "sdpa"})

@@ -312,6 +312,7 @@ def test_a_cut_short_save_is_removed_at_the_start(shapes, tmp_path):
 
 
 BAD_SETTINGS = [("max_iters", -5, "at least 0"), ("min_lr", 1.0, "above learning_rate"),
+                ("attn_implementation", "flash_attention_3", "use one of None, 'sdpa'"),
                 ("warmup_ratio", 5, "between 0 and 1"), ("batch_size", 0, "at least 1"),
                 ("dtype", "float64", "use one of 'float32'"), ("eval_interval", 0, "at least 1"),
                 ("parallel", "zero3", "use one of 'ddp'"), ("learning_rate", 0.0, "positive"),
