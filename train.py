@@ -73,7 +73,7 @@ max_skipped = 0.5  # the share of a data file's records that may be skipped; mor
 allow_outside_images = False  # image names may lead out of their image folder ('..', absolute paths)
 image_aspect_ratio = "pad"  # 'pad' (LLaVA's expand2square), 'square_nocrop' (Ferret), 'crop'
 model_max_length = 2048  # tokens, image tokens included
-packing = False  # a global batch's records packed into rows of up to model_max_length tokens: no padding, same loss
+packing = False  # each micro-batch's records packed into rows of up to model_max_length tokens: same loss, no padding
 num_workers = 0  # DataLoader workers that read images
 tokenizer_name_or_path = "data/shapes/tokenizer"  # None: the tokenizer of model_name_or_path
 # model: every field of model.VLMConfig (model_name_or_path, vision_tower, mm_projector_type, ...) is a config
@@ -281,7 +281,7 @@ for module, lr in parts:
     decays = [p.dim() >= 2 and id(p) not in no_decay for p in params]
     groups += [{"params": [p for p, d in zip(params, decays) if d], "weight_decay": weight_decay, "base_lr": lr},
                {"params": [p for p, d in zip(params, decays) if not d], "weight_decay": 0.0, "base_lr": lr}]
-# fused: one kernel over all parameters, on a GPU and on a CPU too (4-6x foreach's speed there, BENCHMARKS.md)
+# fused: one kernel over all parameters, on a GPU and on a CPU too (4-10x foreach's speed there, BENCHMARKS.md)
 optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=(beta1, beta2), fused=True)
 if init_from == "resume":  # the optimizer state, the data position and the RNG of the checkpoint
     state = load_train_state(ckpt, model, optimizer)
