@@ -696,7 +696,7 @@ def bench_probe(data="data/shapes", n_train=1500):
     from conversation import chat_template, tokenize
     from data import image_tensor, open_image
     from sample import image_args
-    sys.path.insert(0, data)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes"))  # its prepare.py
     from prepare import COLORS, SHAPES
     ckpt = newest(out_dir, names=WEIGHTS)
     if ckpt is None:
@@ -744,6 +744,93 @@ def bench_probe(data="data/shapes", n_train=1500):
     for name in train_x:
         acc = [linear_probe(train_x[name], train_y[:, j], val_x[name], val_y[:, j]) for j in (0, 1)]
         print(f"| {name} | {acc[0]:.3f} | {acc[1]:.3f} |")
+
+
+def readout_pool(features, kind, inside, grid):
+    """[N, tokens, C] patch features -> [N, C]: how a reader of the image tokens gathers them. 'max' per channel;
+    'mean' over all patches (softmax attention at its uniform start: LLaVA's LLM reading CLIP's patches);
+    'object mean' over the object's patches (attention that has found the object); 'mean of 3x3 max' the mean
+    after a max over each patch's neighbours."""
+    if kind == "max":
+        return features.max(1).values
+    if kind == "object mean":
+        w = inside.float().unsqueeze(-1)
+        return (features * w).sum(1) / w.sum(1)
+    if kind == "mean of 3x3 max":
+        maps = features.transpose(1, 2).reshape(len(features), -1, *grid)
+        features = torch.nn.functional.max_pool2d(maps, 3, 1, 1).flatten(2).transpose(1, 2)
+    return features.mean(1)
+
+
+def bench_readout(data="data/shapes", steps=300, n_train=8000, batch_size=32, every=100,
+                  readouts=("per patch", "max", "mean", "object mean", "mean of 3x3 max")):
+    """Why the default reads an object's color long before its shape (bench_probe finds shape in half of an
+    object's patches): the default's random tower trained on the shape of single-object images alone, with
+    no LLM, through each readout, AdamW 2e-3, batch 32. 'per patch': each of the object's patches predicts
+    it. Prints the val accuracy every `every` steps (chance 1/3)."""
+    import json
+
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from model import VisionTower, VLMConfig
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes"))  # its prepare.py
+    from prepare import COLORS, SHAPES
+    if not os.path.exists(os.path.join(data, "val.json")):
+        print(f"no shapes data in {data}: python data/shapes/prepare.py makes it")
+        return
+    spec = VLMConfig().vision_tower
+    grid = VisionTower(spec, select_layer=-1).grid
+    sets = {}
+    for split, limit in (("train", n_train), ("val", None)):
+        with open(os.path.join(data, f"{split}.json")) as f:
+            records = [r for r in json.load(f) if r["id"].endswith("_caption")][:limit]
+        pixels, labels, inside = [], [], []
+        for r in records:
+            path = os.path.join(data, r["image"])
+            patches = patch_labels(path, r["conversations"][1]["value"], grid[0], COLORS)
+            if len(re.findall(r"an? \w+ \w+", r["conversations"][1]["value"])) != 1 or not patches:
+                continue  # a single object, some of whose patches are found
+            pixels.append(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32))
+            labels.append(SHAPES.index(patches[0][2]))
+            inside.append(np.isin(np.arange(grid[0] * grid[1]), [k for k, _, _ in patches]))
+        sets[split] = torch.from_numpy(np.stack(pixels)), torch.tensor(labels), torch.from_numpy(np.stack(inside))
+    print(f"{len(sets['train'][1])} train and {len(sets['val'][1])} val single-object images; "
+          f"tower {spec['model_type']} {spec['hidden_sizes']}, depths {spec['depths']}")
+    print("| readout | " + " | ".join(f"step {k}" for k in range(every, steps + 1, every)) + " |")
+    print("|---|" + "---|" * (steps // every))
+    for kind in readouts:
+        torch.manual_seed(seed)
+        tower = VisionTower(spec, select_layer=-1)
+        tower.requires_grad_(True)
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (tower.image_mean, tower.image_std))
+        head = torch.nn.Linear(tower.hidden_size, len(SHAPES))
+        opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=2e-3)
+        gen = torch.Generator().manual_seed(seed)
+
+        def logits(x, inside):
+            features = tower((x.permute(0, 3, 1, 2) / 255 - mean) / std)
+            return head(features) if kind == "per patch" else head(readout_pool(features, kind, inside, grid))
+
+        def loss_and_hits(x, y, inside):
+            out = logits(x, inside)
+            if kind == "per patch":  # each of the object's patches, on its own
+                out, y = out[inside], y.unsqueeze(1).expand(inside.shape)[inside]
+            return F.cross_entropy(out, y), (out.argmax(-1) == y).float().mean().item()
+
+        row = []
+        for step in range(1, steps + 1):
+            tower.train()
+            i = torch.randint(len(sets["train"][1]), (batch_size,), generator=gen)
+            loss, _ = loss_and_hits(*(t[i] for t in sets["train"]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % every == 0:
+                tower.eval()
+                with torch.no_grad():
+                    row.append(loss_and_hits(*sets["val"])[1])
+        print(f"| {kind} | " + " | ".join(f"{a:.3f}" for a in row) + " |")
 
 
 if __name__ == "__main__":
