@@ -665,6 +665,16 @@ def patch_labels(path, caption, grid, colors):
     return out
 
 
+SHAPES_PREPARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes")  # its prepare.py
+
+
+def caption_records(data, split, limit=None):
+    """The shapes split's caption records (one per image, naming every object), the first `limit`."""
+    import json
+    with open(os.path.join(data, f"{split}.json")) as f:
+        return [r for r in json.load(f) if r["id"].endswith("_caption")][:limit]
+
+
 def linear_probe(x_train, y_train, x_test, y_test, steps=300):
     """Logistic regression (full batch, AdamW, standardized inputs) -> accuracy on the test set."""
     import torch
@@ -688,7 +698,6 @@ def bench_probe(data="data/shapes", n_train=1500):
     after each layer (the image read under the chat template, before any question). Over the patches whose
     center lies in an object; fitted on n_train train images, scored on the val images. Chance: color 1/6,
     shape 1/3 (a model that has the shape in every patch of its object scores 1)."""
-    import json
 
     import torch
 
@@ -696,7 +705,7 @@ def bench_probe(data="data/shapes", n_train=1500):
     from conversation import chat_template, tokenize
     from data import image_tensor, open_image
     from sample import image_args
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes"))  # its prepare.py
+    sys.path.insert(0, SHAPES_PREPARE)
     from prepare import COLORS, SHAPES
     ckpt = newest(out_dir, names=WEIGHTS)
     if ckpt is None:
@@ -716,10 +725,8 @@ def bench_probe(data="data/shapes", n_train=1500):
     colors, shapes = list(COLORS), SHAPES
     sets = {}
     for split, limit in (("train", n_train), ("val", None)):
-        with open(os.path.join(data, f"{split}.json")) as f:
-            records = [r for r in json.load(f) if r["id"].endswith("_caption")]
         feats, labels = {}, []
-        for r in records[:limit]:
+        for r in caption_records(data, split, limit):
             path = os.path.join(data, r["image"])
             patches = patch_labels(path, r["conversations"][1]["value"], grid, COLORS)
             if not patches:
@@ -768,13 +775,12 @@ def bench_readout(data="data/shapes", steps=300, n_train=8000, batch_size=32, ev
     object's patches): the default's random tower trained on the shape of single-object images alone, with
     no LLM, through each readout, AdamW 2e-3, batch 32. 'per patch': each of the object's patches predicts
     it. Prints the val accuracy every `every` steps (chance 1/3)."""
-    import json
 
     import torch.nn.functional as F
     from PIL import Image
 
     from model import VisionTower, VLMConfig
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes"))  # its prepare.py
+    sys.path.insert(0, SHAPES_PREPARE)
     from prepare import COLORS, SHAPES
     if not os.path.exists(os.path.join(data, "val.json")):
         print(f"no shapes data in {data}: python data/shapes/prepare.py makes it")
@@ -783,10 +789,8 @@ def bench_readout(data="data/shapes", steps=300, n_train=8000, batch_size=32, ev
     grid = VisionTower(spec, select_layer=-1).grid
     sets = {}
     for split, limit in (("train", n_train), ("val", None)):
-        with open(os.path.join(data, f"{split}.json")) as f:
-            records = [r for r in json.load(f) if r["id"].endswith("_caption")][:limit]
         pixels, labels, inside = [], [], []
-        for r in records:
+        for r in caption_records(data, split, limit):
             path = os.path.join(data, r["image"])
             patches = patch_labels(path, r["conversations"][1]["value"], grid[0], COLORS)
             if len(re.findall(r"an? \w+ \w+", r["conversations"][1]["value"])) != 1 or not patches:
