@@ -12,7 +12,6 @@ converts it to and from transformers' LlavaForConditionalGeneration.
 """
 import inspect
 import json
-import math
 import re
 from dataclasses import dataclass, field, replace
 
@@ -381,32 +380,7 @@ class VLM(nn.Module):
             return emb + 0 * regions.sum().to(emb.dtype)
         return write_at(emb, region_positions, regions)
 
-    def word_loss(self, emb, batch):
-        """CatLIP's objective for a tower that starts random (LLaVA's starts as CLIP): from each image's
-        projected patches alone, which tokens its record's labels hold. A patch scores a token by the dot product
-        with the token's unit embedding (fixed here: the words are the classes); the image's score is its best
-        patch's, so one patch that shows the word is enough, and a patch learns what it shows. Binary
-        cross-entropy, summed over the vocabulary, mean over the images."""
-        positions = batch.get("image_positions")
-        if positions is None:
-            positions = torch.nonzero(batch["input_ids"].flatten() == self.image_token_id).flatten()
-        if not len(positions):
-            return emb.new_zeros(())
-        labels = batch["labels"]
-        pos_ids = batch.get("position_ids")  # packed: a record starts where its position_ids restart
-        record = (pos_ids == 0).flatten().cumsum(0) - 1 if pos_ids is not None else \
-            torch.arange(labels.numel(), device=labels.device) // labels.shape[1]
-        n = self.num_image_tokens
-        patches = emb.flatten(0, 1)[positions].view(-1, n, emb.shape[-1])  # [images, n, width]
-        words = F.normalize(self.llm.get_input_embeddings().weight.detach(), dim=-1)
-        vocab = words.shape[0]
-        targets = torch.zeros(int(record[-1]) + 1, vocab, device=emb.device)
-        trained = (labels != IGNORE_INDEX).flatten()
-        targets[record[trained], labels.flatten()[trained]] = 1.0
-        scores = (patches.float() @ words.float().T).amax(1) - math.log(vocab)  # before training, p = 1 / vocab
-        return F.binary_cross_entropy_with_logits(scores, targets[record[positions[::n]]], reduction="sum") / len(scores)
-
-    def forward(self, batch, word_loss=0.0):
+    def forward(self, batch):
         """Mean cross-entropy over the labelled tokens. The LM head runs on those positions only, so
         the [B, T, vocab] logits of prompts and images are never made. No attention mask goes to the LLM:
         right padding comes after every real token, so a causal mask already keeps it out of their attention,
@@ -424,8 +398,7 @@ class VLM(nn.Module):
         logits = lm_head(self.llm, hidden.index_select(0, positions))
         targets = batch["labels"].flatten().index_select(0, positions + 1)
         # 0, not NaN, for a batch with nothing to train (a stand-in for an empty micro-batch, data.py)
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(len(positions), 1)
-        return loss + word_loss * self.word_loss(emb, batch) if word_loss else loss
+        return F.cross_entropy(logits.float(), targets, reduction="sum") / max(len(positions), 1)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens=64, temperature=0.0,

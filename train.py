@@ -113,8 +113,6 @@ weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.98
 grad_clip = 1.0  # 0 disables
-# weight of model.word_loss, which teaches a training tower what its patches show, in the first stage (the captions)
-word_loss = 1.0
 # parallelism and memory (under torchrun)
 parallel = "ddp"  # 'ddp': a replica per process; 'fsdp': FSDP2, parameters, gradients and AdamW state sharded
 fsdp_reshard_after_forward = True  # True frees gathered weights after forward (ZeRO-3), False keeps them (ZeRO-2)
@@ -416,14 +414,12 @@ while state["iter"] < max_iters:
         dist.all_reduce(flags)
     n_global = flags[0]
     loss_sum = torch.zeros((), device=device)
-    stage = train_data.sources[epoch0[it % n_steps][0]] if curriculum else -1
-    words = word_loss if stage == 0 and raw_model.vision_tower.trainable else 0.0
     for micro, batch in enumerate(micro_batches):
         if ddp and not fsdp:
             model.require_backward_grad_sync = micro == accum - 1  # all-reduce once per step (FSDP: every micro-step)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast:
-            loss = model(batch, words) * (n_tokens[micro] * world / n_global)
+            loss = model(batch) * (n_tokens[micro] * world / n_global)
         loss.backward()
         loss_sum += loss.detach()
     if curriculum and train_data.sources[epoch0[it % n_steps][0]] < llm_from_stage:  # LLaVA's stage 1, in this run
