@@ -777,8 +777,7 @@ def bench_readout(data="data/shapes", steps=300, n_train=8000, batch_size=32, ev
     it. Prints the val accuracy every `every` steps (chance 1/3)."""
 
     import torch.nn.functional as F
-    from PIL import Image
-
+    from data import image_tensor, open_image
     from model import VisionTower, VLMConfig
     sys.path.insert(0, SHAPES_PREPARE)
     from prepare import COLORS, SHAPES
@@ -786,7 +785,8 @@ def bench_readout(data="data/shapes", steps=300, n_train=8000, batch_size=32, ev
         print(f"no shapes data in {data}: python data/shapes/prepare.py makes it")
         return
     spec = VLMConfig().vision_tower
-    grid = VisionTower(spec, select_layer=-1).grid
+    first = VisionTower(spec, select_layer=-1)
+    grid, args = first.grid, ("pad", first.image_size, first.image_mean, first.image_std)  # as train.py feeds it
     sets = {}
     for split, limit in (("train", n_train), ("val", None)):
         pixels, labels, inside = [], [], []
@@ -795,10 +795,10 @@ def bench_readout(data="data/shapes", steps=300, n_train=8000, batch_size=32, ev
             patches = patch_labels(path, r["conversations"][1]["value"], grid[0], COLORS)
             if len(re.findall(r"an? \w+ \w+", r["conversations"][1]["value"])) != 1 or not patches:
                 continue  # a single object, some of whose patches are found
-            pixels.append(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32))
+            pixels.append(image_tensor(open_image(path), *args))
             labels.append(SHAPES.index(patches[0][2]))
             inside.append(np.isin(np.arange(grid[0] * grid[1]), [k for k, _, _ in patches]))
-        sets[split] = torch.from_numpy(np.stack(pixels)), torch.tensor(labels), torch.from_numpy(np.stack(inside))
+        sets[split] = torch.stack(pixels), torch.tensor(labels), torch.from_numpy(np.stack(inside))
     print(f"{len(sets['train'][1])} train and {len(sets['val'][1])} val single-object images; "
           f"tower {spec['model_type']} {spec['hidden_sizes']}, depths {spec['depths']}")
     print("| readout | " + " | ".join(f"step {k}" for k in range(every, steps + 1, every)) + " |")
@@ -807,13 +807,12 @@ def bench_readout(data="data/shapes", steps=300, n_train=8000, batch_size=32, ev
         torch.manual_seed(seed)
         tower = VisionTower(spec, select_layer=-1)
         tower.requires_grad_(True)
-        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (tower.image_mean, tower.image_std))
         head = torch.nn.Linear(tower.hidden_size, len(SHAPES))
         opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=2e-3)
         gen = torch.Generator().manual_seed(seed)
 
         def logits(x, inside):
-            features = tower((x.permute(0, 3, 1, 2) / 255 - mean) / std)
+            features = tower(x)
             return head(features) if kind == "per patch" else head(readout_pool(features, kind, inside, grid))
 
         def loss_and_hits(x, y, inside):
