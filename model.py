@@ -11,7 +11,6 @@ This file knows nothing of files and chat templates: checkpoint.py saves and loa
 converts it to and from transformers' LlavaForConditionalGeneration.
 """
 import inspect
-import math
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -49,7 +48,6 @@ class VLMConfig:
     mm_vision_select_feature: str = "patch"  # 'patch' or 'cls_patch' (keep the CLS token)
     mm_patch_merge: int = 1  # k: each k x k block of patches becomes one image token (k^2 fewer tokens)
     mm_projector_type: str = "mlp2x_gelu"  # 'linear', 'mlp{N}x_gelu' or 'identity'
-    phrase_classes: int = 0  # a head on the tower's patches scoring this many caption bigrams (train.py's phrase_loss)
     # Ferret: a <region_fea> token per region, filled by the region sampler (ferret.RegionSampler)
     add_region_feature: bool = False
     region_geo_sampler: bool = True  # Ferret's spatial-aware sampler; False: the mean of the features in the region
@@ -306,11 +304,6 @@ class VLM(nn.Module):
                                             self.vision_tower.hidden_size * self.patch_merge ** 2,
                                             self.llm.config.hidden_size)
         self.image_token_id = config.image_token_id
-        self.phrase_head = None
-        if config.phrase_classes:
-            self.phrase_head = nn.Linear(self.vision_tower.hidden_size, config.phrase_classes)
-            nn.init.constant_(self.phrase_head.bias, -math.log(config.phrase_classes))
-            self.register_buffer("phrase_codes", torch.full((config.phrase_classes,), -1, dtype=torch.long))
         self.num_image_tokens = self.vision_tower.num_tokens // self.patch_merge ** 2
         self.region_sampler, self.region_token_id = None, config.region_token_id
         if config.add_region_feature:  # Ferret: it reads the tower's own features, before the projector
@@ -369,7 +362,6 @@ class VLM(nn.Module):
             size = self.vision_tower.image_size
             pixel_values = emb.new_zeros(1, 3, size, size)
         tower_feats, feats = self.encode_images(pixel_values)
-        self.tower_feats = tower_feats
         if not n_images:
             emb = emb + 0 * feats.sum().to(emb.dtype)
         elif n_images != feats.shape[0] * feats.shape[1]:
@@ -388,32 +380,7 @@ class VLM(nn.Module):
             return emb + 0 * regions.sum().to(emb.dtype)
         return write_at(emb, region_positions, regions)
 
-    def phrase_loss(self, batch):
-        feats, ids = self.tower_feats, batch["input_ids"]
-        positions = batch.get("image_positions")
-        if positions is None:
-            positions = torch.nonzero(ids.flatten() == self.image_token_id).flatten()
-        rows = positions[::self.num_image_tokens] // ids.shape[1]
-        labels = batch["labels"]
-        pair = (labels[:, :-1] != IGNORE_INDEX) & (labels[:, 1:] != IGNORE_INDEX)
-        codes = labels[:, :-1].clamp(min=0) * self.config.vocab_size + labels[:, 1:].clamp(min=0)
-        k = torch.searchsorted(self.phrase_codes, codes).clamp(max=len(self.phrase_codes) - 1)
-        hit = pair & (self.phrase_codes[k] == codes)
-        targets = torch.zeros(len(ids), len(self.phrase_codes) + 1, device=ids.device)
-        targets.scatter_(1, torch.where(hit, k, len(self.phrase_codes)), 1.0)
-        targets = targets[rows, :-1]
-        scores = self.phrase_head(feats[:, -self.vision_tower.num_patches:]).amax(1)
-        keep = targets.sum(1) > 0
-        bce = F.binary_cross_entropy_with_logits(scores.float(), targets, reduction="none").sum(1)
-        return (bce * keep).sum() / keep.sum().clamp(min=1)
-
-    def forward(self, batch, phrase_weight=0.0):
-        loss = self.lm_loss(batch)
-        if self.phrase_head is not None:
-            loss = loss + phrase_weight * self.phrase_loss(batch)
-        return loss
-
-    def lm_loss(self, batch):
+    def forward(self, batch):
         """Mean cross-entropy over the labelled tokens. The LM head runs on those positions only, so
         the [B, T, vocab] logits of prompts and images are never made. No attention mask goes to the LLM:
         right padding comes after every real token, so a causal mask already keeps it out of their attention,

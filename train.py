@@ -126,8 +126,6 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"  # bf16 is slow on CPUs
 compile = False
 seed = 1337
-phrase_loss = 0.0
-phrase_all = False
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, dict, list, tuple, type(None)))]
@@ -208,8 +206,6 @@ if pretrain_mm_mlp_adapter and init_from != "resume" and not meta:  # a resumed 
 # what trains, at which lr (stages are configs); with LoRA, the LLM (and a lora_vision_tower) through adapters
 model.requires_grad_(False)
 parts = [(model.mm_projector, mm_projector_lr or learning_rate)]
-if model.phrase_head is not None:
-    parts.append((model.phrase_head, mm_projector_lr or learning_rate))
 if model.region_sampler is not None:  # Ferret: the other new part between tower and LLM, at the projector's lr
     parts.append((model.region_sampler, mm_projector_lr or learning_rate))
 if not tune_mm_mlp_adapter:
@@ -325,22 +321,6 @@ def train_epoch(epoch):
                          train_data.lengths if group_by_modality_length else None, train_data.has_image)
 
 
-if raw_model.phrase_head is not None and not ckpt:
-    train_data.open()
-    ids_all, trained_all, offsets = train_data.arrays[:3]
-    first = np.nonzero(np.asarray(train_data.sources) == 0)[0]
-    codes = []
-    for j in first:
-        a, b = offsets[j], offsets[j + 1]
-        t, tr = np.asarray(ids_all[a:b], dtype=np.int64), np.asarray(trained_all[a:b]).astype(bool)
-        ok = tr[:-1] & tr[1:]
-        codes.append((t[:-1] * raw_model.config.vocab_size + t[1:])[ok])
-    u, c = np.unique(np.concatenate(codes), return_counts=True)
-    top = np.sort(u[np.argsort(-c, kind="stable")[:len(raw_model.phrase_codes)]])
-    raw_model.phrase_codes[:len(top)] = torch.from_numpy(top)
-    raw_model.phrase_codes.copy_(raw_model.phrase_codes.sort().values)
-    log(f"phrase head: {len(u)} bigrams in the first data file, {len(top)} kept")
-    train_data.arrays = None
 epoch0 = train_epoch(0)
 n_steps = len(epoch0)
 if n_steps == 0:  # data_multiple=0 for every file
@@ -439,8 +419,7 @@ while state["iter"] < max_iters:
             model.require_backward_grad_sync = micro == accum - 1  # all-reduce once per step (FSDP: every micro-step)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast:
-            pw = phrase_loss if (phrase_all or train_data.sources[epoch0[it % n_steps][0]] == 0) else 0.0
-            loss = model(batch, pw) * (n_tokens[micro] * world / n_global)
+            loss = model(batch) * (n_tokens[micro] * world / n_global)
         loss.backward()
         loss_sum += loss.detach()
     if curriculum and train_data.sources[epoch0[it % n_steps][0]] < llm_from_stage:  # LLaVA's stage 1, in this run
