@@ -51,3 +51,20 @@ def test_readout_bench_runs_on_the_shapes_fixture(shapes, capsys):
     out = capsys.readouterr().out
     for kind in ("per patch", "max", "mean", "object mean", "mean of 3x3 max"):
         assert re.search(rf"^\| {kind} \| (0|1)\.\d{{3}} \| (0|1)\.\d{{3}} \|$", out, re.M), out
+
+
+def test_binding_is_read_off_the_pair_scores():
+    """Two images, 2 colors x 2 shapes: the best color for each object's shape, and the best shape for its color."""
+    import torch
+    scores = torch.tensor([[5.0, 0.0, 0.0, 4.0],  # image 0 holds (color 0, shape 0) and (color 1, shape 1): both read
+                           [0.0, 3.0, 2.0, 4.0]])  # image 1 holds (color 1, shape 0): its color reads, its shape not
+    objects = [[(0, 0), (1, 1)], [(1, 0)]]
+    assert bench.read_binding(scores, objects, n_shapes=2) == (1.0, 2 / 3)
+
+
+def test_binding_bench_runs_and_saves_a_tower_train_py_reads(shapes, tmp_path, capsys):
+    from model import VisionTower
+    bench.bench_binding(data=str(shapes), steps=2, every=1, n_train=32, save=str(tmp_path / "tower"))
+    out = capsys.readouterr().out
+    assert re.search(r"^\| 2 \| (0|1)\.\d{3} \| (0|1)\.\d{3} \|$", out, re.M), out
+    assert VisionTower(str(tmp_path / "tower"), select_layer=-1).num_tokens == 36
