@@ -18,6 +18,7 @@ import configurator
 what = "all"  # which benchmark to run: 'all' or a name below
 seed = 1337
 out_dir = "out-shapes"  # the trained run that bench_probe reads
+save_tower = ""  # a folder where bench_binding saves its trained tower ('': not saved)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -858,14 +859,14 @@ def read_binding(scores, objects, n_shapes):
     return tuple(float(np.mean([h[j] for h in hits])) for j in (0, 1))
 
 
-def bench_binding(data="data/shapes", steps=500, n_train=8000, batch_size=32, every=100, save=""):
+def bench_binding(data="data/shapes", steps=500, n_train=8000, batch_size=32, every=100, save=None):
     """Whether the default's random tower can bind a color to a shape at its patches when taught directly (the LLM
     learns "What color is the circle?" last, bench_probe): a linear head on each patch scores the 18 (color, shape)
     pairs, the image's score is the best patch's, and binary cross-entropy trains them against the pairs its
     caption names (the caption's bigrams "red circle" as classes, after CatLIP's words), on images of 1-3 objects,
     no LLM, AdamW 2e-3, batch 32. Prints both binding questions answered off the head on the val images every
-    `every` steps (chance: 1/6 and 1/3; one of the image's colors at random: about 0.6); save: a folder for the
-    trained tower (an HF ConvNeXt, for train.py's vision_tower)."""
+    `every` steps (chance: 1/6 and 1/3; one of the image's colors at random: about 0.6); save (None: save_tower): a
+    folder for the trained tower (an HF ConvNeXt, for train.py's vision_tower)."""
     import torch.nn.functional as F
     from data import image_tensor, open_image
     from model import VisionTower, VLMConfig
@@ -902,13 +903,15 @@ def bench_binding(data="data/shapes", steps=500, n_train=8000, batch_size=32, ev
     print("|---|---|---|")
     for k, (color, shape) in enumerate(rows):
         print(f"| {(k + 1) * every} | {color:.3f} | {shape:.3f} |")
+    save = save_tower if save is None else save
     if save:
         tower.encoder.save_pretrained(save)
         print(f"tower: {save} (python train.py --vision_tower={save})")
 
 
 if __name__ == "__main__":
-    globals().update(configurator.configure(dict(what=what, seed=seed, out_dir=out_dir), sys.argv[1:]))
+    globals().update(configurator.configure(dict(what=what, seed=seed, out_dir=out_dir, save_tower=save_tower),
+                                             sys.argv[1:]))
     names = [n[len("bench_"):] for n in list(globals()) if n.startswith("bench_")]
     for name in [n for n in names if n != "gpu"] if what == "all" else [what]:  # gpu: for a lent GPU alone
         if name not in names:
