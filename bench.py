@@ -648,13 +648,18 @@ def bench_rank_memory(nproc=2, width=1536, layers=16, parallel="fsdp"):
               f"{at_setup.get(rank, 0) / 2**30:.2f} GiB | {peaks[rank] / 2**30:.2f} GiB |")
 
 
+def caption_objects(caption):
+    """A shapes caption ('a red circle and a blue square.') -> [(color, shape)], in its order."""
+    return re.findall(r"an? (\w+) (\w+)", caption)
+
+
 def patch_labels(path, caption, grid, colors):
     """The shapes image's patches on a grid x grid raster (the image tokens' order): for each patch whose
     center pixel is an object's (its color near one of colors), (patch index, color, that object's shape),
     the shape read from the caption ('a red circle and a blue square.')."""
     import numpy as np
     from PIL import Image
-    shape_of = {c: s for c, s in re.findall(r"an? (\w+) (\w+)", caption)}
+    shape_of = dict(caption_objects(caption))
     img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
     out = []
     for k in range(grid * grid):
@@ -813,7 +818,7 @@ def bench_readout(data="data/shapes", steps=300, n_train=8000, batch_size=32, ev
         for r in caption_records(data, split, limit):
             path = os.path.join(data, r["image"])
             patches = patch_labels(path, r["conversations"][1]["value"], grid[0], COLORS)
-            if len(re.findall(r"an? \w+ \w+", r["conversations"][1]["value"])) != 1 or not patches:
+            if len(caption_objects(r["conversations"][1]["value"])) != 1 or not patches:
                 continue  # a single object, some of whose patches are found
             pixels.append(image_tensor(open_image(path), *args))
             labels.append(SHAPES.index(patches[0][2]))
@@ -884,8 +889,7 @@ def bench_binding(data="data/shapes", steps=500, n_train=8000, batch_size=32, ev
     sets = {}
     for split, limit in (("train", n_train), ("val", None)):
         records = caption_records(data, split, limit)
-        objects = [[(colors.index(c), SHAPES.index(s)) for c, s in re.findall(r"an? (\w+) (\w+)",
-                                                                           r["conversations"][1]["value"])]
+        objects = [[(colors.index(c), SHAPES.index(s)) for c, s in caption_objects(r["conversations"][1]["value"])]
                    for r in records]
         targets = torch.zeros(len(records), len(colors) * len(SHAPES))
         for i, objs in enumerate(objects):
