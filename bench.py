@@ -4,7 +4,9 @@ the figures with the command, machine and date. Nothing here is asserted by a te
 
     python bench.py                      # every benchmark
     python bench.py --what=preprocess    # one of them (names: the functions below, without bench_)
+    python bench.py --what=binding       # bench_shapes.py's shapes measurements: probe, readout, binding, oracle
 """
+import inspect
 import os
 import re
 import sys
@@ -14,10 +16,11 @@ import numpy as np
 import torch
 
 import configurator
+from bench_shapes import bench_binding, bench_oracle, bench_probe, bench_readout  # noqa: F401 (run by name below)
 
 what = "all"  # which benchmark to run: 'all' or a name below
 seed = 1337
-out_dir = "out-shapes"  # the trained run that bench_probe reads
+out_dir = "out-shapes"  # the trained run that bench_probe reads (bench_shapes.py)
 save_tower = ""  # a folder where bench_binding saves its trained tower ('': not saved)
 
 
@@ -648,279 +651,16 @@ def bench_rank_memory(nproc=2, width=1536, layers=16, parallel="fsdp"):
               f"{at_setup.get(rank, 0) / 2**30:.2f} GiB | {peaks[rank] / 2**30:.2f} GiB |")
 
 
-def caption_objects(caption):
-    """A shapes caption ('a red circle and a blue square.') -> [(color, shape)], in its order."""
-    return re.findall(r"an? (\w+) (\w+)", caption)
-
-
-def patch_labels(path, caption, grid, colors):
-    """The shapes image's patches on a grid x grid raster (the image tokens' order): for each patch whose
-    center pixel is an object's (its color near one of colors), (patch index, color, that object's shape),
-    the shape read from the caption ('a red circle and a blue square.')."""
-    import numpy as np
-    from PIL import Image
-    shape_of = dict(caption_objects(caption))
-    img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
-    out = []
-    for k in range(grid * grid):
-        y, x = (int((v + 0.5) * img.shape[0] / grid) for v in divmod(k, grid))
-        dist = {c: np.abs(img[y, x] - rgb).sum() for c, rgb in colors.items()}
-        color = min(dist, key=dist.get)
-        if dist[color] < 60 and color in shape_of:
-            out.append((k, color, shape_of[color]))
-    return out
-
-
-SHAPES_PREPARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes")  # its prepare.py
-
-
-def caption_records(data, split, limit=None):
-    """The shapes split's caption records (one per image, naming every object), the first `limit`."""
-    import json
-    with open(os.path.join(data, f"{split}.json")) as f:
-        return [r for r in json.load(f) if r["id"].endswith("_caption")][:limit]
-
-
-def linear_probe(x_train, y_train, x_test, y_test, steps=300):
-    """Logistic regression (full batch, AdamW, standardized inputs) -> accuracy on the test set."""
-    import torch
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
-    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    n_classes = int(max(y_train.max(), y_test.max())) + 1
-    probe = torch.nn.Linear(x_train.shape[1], n_classes)
-    opt = torch.optim.AdamW(probe.parameters(), lr=0.05, weight_decay=1e-2)
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(probe(x_train), y_train)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return (probe(x_test).argmax(-1) == y_test).float().mean().item()
-
-
-def bench_probe(data="data/shapes", n_train=1500):
-    """What a trained shapes model knows at each image patch ("What color is the circle?" needs the circle's
-    patches found by their shape): a linear probe of the patch's color and of its object's shape,
-    from the tower's features, the projector's output, and the LLM's hidden state at the patch's image token
-    after each layer (the image read under the chat template, before any question). Over the patches whose
-    center lies in an object; fitted on n_train train images, scored on the val images. Chance: color 1/6,
-    shape 1/3 (a model that has the shape in every patch of its object scores 1)."""
-
-    import torch
-
-    from checkpoint import WEIGHTS, load, newest
-    from conversation import chat_template, tokenize
-    from data import image_tensor, open_image
-    from sample import image_args
-    sys.path.insert(0, SHAPES_PREPARE)
-    from prepare import COLORS, SHAPES
-    ckpt = newest(out_dir, names=WEIGHTS)
-    if ckpt is None:
-        print(f"no checkpoint in {out_dir}: train one first (python train.py), or name it: --out_dir=...")
-        return
-    model, config = load(ckpt)
-    model.eval()
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    template = chat_template(config["train"]["version"])
-    prompt = tokenize(template, [{"from": "human", "value": "<image>\nWhat color is the circle?"}], tokenizer,
-                      model.num_image_tokens)[0]
-    ids = torch.tensor([prompt])
-    positions = (ids[0] == model.image_token_id).nonzero().squeeze(1)
-    grid = int(model.num_image_tokens ** 0.5)
-    args = image_args(model, config["train"])
-    colors, shapes = list(COLORS), SHAPES
-    sets = {}
-    for split, limit in (("train", n_train), ("val", None)):
-        feats, labels = {}, []
-        for r in caption_records(data, split, limit):
-            path = os.path.join(data, r["image"])
-            patches = patch_labels(path, r["conversations"][1]["value"], grid, COLORS)
-            if not patches:
-                continue
-            with torch.no_grad():
-                pixels = image_tensor(open_image(path), *args).unsqueeze(0)
-                tower, projected = model.encode_images(pixels)
-                emb = model.embed(ids, pixels)
-                hidden = model.llm.base_model(inputs_embeds=emb, output_hidden_states=True).hidden_states[1:]
-            index = torch.tensor([k for k, _, _ in patches])
-            layers = {"tower": tower[0], "projector": projected[0],
-                      **{f"LLM layer {i + 1}": h[0, positions] for i, h in enumerate(hidden)}}
-            for name, f in layers.items():
-                feats.setdefault(name, []).append(f[index].float())
-            labels += [(colors.index(c), shapes.index(s)) for _, c, s in patches]
-        sets[split] = ({k: torch.cat(v) for k, v in feats.items()}, torch.tensor(labels))
-    (train_x, train_y), (val_x, val_y) = sets["train"], sets["val"]
-    print(f"{ckpt}: {len(train_y)} train patches ({n_train} images), {len(val_y)} val patches; chance: color "
-          f"1/{len(colors)}, shape 1/{len(shapes)}")
-    print("| features | color | its object's shape |")
-    print("|---|---|---|")
-    for name in train_x:
-        acc = [linear_probe(train_x[name], train_y[:, j], val_x[name], val_y[:, j]) for j in (0, 1)]
-        print(f"| {name} | {acc[0]:.3f} | {acc[1]:.3f} |")
-
-
-def train_readout(tower, head, n, loss_of, score, steps, batch_size, every):
-    """Train the tower and its head by AdamW 2e-3 on loss_of(a batch of train indices of n) -> score() on the
-    val images every `every` steps, the tower in eval mode there."""
-    opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=2e-3)
-    gen = torch.Generator().manual_seed(seed)
-    row = []
-    for step in range(1, steps + 1):
-        tower.train()
-        loss = loss_of(torch.randint(n, (batch_size,), generator=gen))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % every == 0:
-            tower.eval()
-            with torch.no_grad():
-                row.append(score())
-    return row
-
-
-def readout_pool(features, kind, inside, grid):
-    """[N, tokens, C] patch features -> [N, C]: how a reader of the image tokens gathers them. 'max' per channel;
-    'mean' over all patches (softmax attention at its uniform start: LLaVA's LLM reading CLIP's patches);
-    'object mean' over the object's patches (attention that has found the object); 'mean of 3x3 max' the mean
-    after a max over each patch's neighbours."""
-    if kind == "max":
-        return features.max(1).values
-    if kind == "object mean":
-        w = inside.float().unsqueeze(-1)
-        return (features * w).sum(1) / w.sum(1)
-    if kind == "mean of 3x3 max":
-        maps = features.transpose(1, 2).reshape(len(features), -1, *grid)
-        features = torch.nn.functional.max_pool2d(maps, 3, 1, 1).flatten(2).transpose(1, 2)
-    return features.mean(1)
-
-
-def bench_readout(data="data/shapes", steps=300, n_train=8000, batch_size=32, every=100,
-                  readouts=("per patch", "max", "mean", "object mean", "mean of 3x3 max")):
-    """Why the default reads an object's color long before its shape (bench_probe finds shape in half of an
-    object's patches): the default's random tower trained on the shape of single-object images alone, with
-    no LLM, through each readout, AdamW 2e-3, batch 32. 'per patch': each of the object's patches predicts
-    it. Prints the val accuracy every `every` steps (chance 1/3)."""
-
-    import torch.nn.functional as F
-    from data import image_tensor, open_image
-    from model import VisionTower, VLMConfig
-    sys.path.insert(0, SHAPES_PREPARE)
-    from prepare import COLORS, SHAPES
-    if not os.path.exists(os.path.join(data, "val.json")):
-        print(f"no shapes data in {data}: python data/shapes/prepare.py makes it")
-        return
-    spec = VLMConfig().vision_tower
-    first = VisionTower(spec, select_layer=-1)
-    grid, args = first.grid, ("pad", first.image_size, first.image_mean, first.image_std)  # as train.py feeds it
-    sets = {}
-    for split, limit in (("train", n_train), ("val", None)):
-        pixels, labels, inside = [], [], []
-        for r in caption_records(data, split, limit):
-            path = os.path.join(data, r["image"])
-            patches = patch_labels(path, r["conversations"][1]["value"], grid[0], COLORS)
-            if len(caption_objects(r["conversations"][1]["value"])) != 1 or not patches:
-                continue  # a single object, some of whose patches are found
-            pixels.append(image_tensor(open_image(path), *args))
-            labels.append(SHAPES.index(patches[0][2]))
-            inside.append(np.isin(np.arange(grid[0] * grid[1]), [k for k, _, _ in patches]))
-        sets[split] = torch.stack(pixels), torch.tensor(labels), torch.from_numpy(np.stack(inside))
-    print(f"{len(sets['train'][1])} train and {len(sets['val'][1])} val single-object images; "
-          f"tower {spec['model_type']} {spec['hidden_sizes']}, depths {spec['depths']}")
-    print("| readout | " + " | ".join(f"step {k}" for k in range(every, steps + 1, every)) + " |")
-    print("|---|" + "---|" * (steps // every))
-    for kind in readouts:
-        torch.manual_seed(seed)
-        tower = VisionTower(spec, select_layer=-1)
-        tower.requires_grad_(True)
-        head = torch.nn.Linear(tower.hidden_size, len(SHAPES))
-
-        def logits(x, inside):
-            features = tower(x)
-            return head(features) if kind == "per patch" else head(readout_pool(features, kind, inside, grid))
-
-        def loss_and_hits(x, y, inside):
-            out = logits(x, inside)
-            if kind == "per patch":  # each of the object's patches, on its own
-                out, y = out[inside], y.unsqueeze(1).expand(inside.shape)[inside]
-            return F.cross_entropy(out, y), (out.argmax(-1) == y).float().mean().item()
-
-        row = train_readout(tower, head, len(sets["train"][1]),
-                            lambda i: loss_and_hits(*(t[i] for t in sets["train"]))[0],
-                            lambda: loss_and_hits(*sets["val"])[1], steps, batch_size, every)
-        print(f"| {kind} | " + " | ".join(f"{a:.3f}" for a in row) + " |")
-
-
-def pair_scores(tower, head, pixels, batch=250):
-    """[N, 3, H, W] -> [N, pairs]: each (color, shape) pair's score, its best patch's (a max over the patches)."""
-    return torch.cat([head(tower(pixels[i:i + batch])).amax(1) for i in range(0, len(pixels), batch)])
-
-
-def read_binding(scores, objects, n_shapes):
-    """Both binding questions answered off the pair scores [N, colors * shapes]: per object, the best color for
-    its shape ("What color is the circle?") and the best shape for its color -> (the two accuracies)."""
-    grid = scores.view(len(scores), -1, n_shapes)
-    hits = [(grid[i, :, s].argmax().item() == c, grid[i, c].argmax().item() == s)
-            for i, objs in enumerate(objects) for c, s in objs]
-    return tuple(float(np.mean([h[j] for h in hits])) for j in (0, 1))
-
-
-def bench_binding(data="data/shapes", steps=500, n_train=8000, batch_size=32, every=100, save=None):
-    """Whether the default's random tower can bind a color to a shape at its patches when taught directly (the LLM
-    learns "What color is the circle?" last, bench_probe): a linear head on each patch scores the 18 (color, shape)
-    pairs, the image's score is the best patch's, and binary cross-entropy trains them against the pairs its
-    caption names (the caption's bigrams "red circle" as classes, after CatLIP's words), on images of 1-3 objects,
-    no LLM, AdamW 2e-3, batch 32. Prints both binding questions answered off the head on the val images every
-    `every` steps (chance: 1/6 and 1/3; one of the image's colors at random: about 0.6); save (None: save_tower): a
-    folder for the trained tower (an HF ConvNeXt, for train.py's vision_tower)."""
-    import torch.nn.functional as F
-    from data import image_tensor, open_image
-    from model import VisionTower, VLMConfig
-    sys.path.insert(0, SHAPES_PREPARE)
-    from prepare import COLORS, SHAPES
-    if not os.path.exists(os.path.join(data, "val.json")):
-        print(f"no shapes data in {data}: python data/shapes/prepare.py makes it")
-        return
-    colors = list(COLORS)
-    torch.manual_seed(seed)
-    spec = VLMConfig().vision_tower
-    tower = VisionTower(spec, select_layer=-1)
-    tower.requires_grad_(True)
-    args = ("pad", tower.image_size, tower.image_mean, tower.image_std)  # as train.py feeds it
-    sets = {}
-    for split, limit in (("train", n_train), ("val", None)):
-        records = caption_records(data, split, limit)
-        objects = [[(colors.index(c), SHAPES.index(s)) for c, s in caption_objects(r["conversations"][1]["value"])]
-                   for r in records]
-        targets = torch.zeros(len(records), len(colors) * len(SHAPES))
-        for i, objs in enumerate(objects):
-            targets[i, [c * len(SHAPES) + s for c, s in objs]] = 1
-        pixels = torch.stack([image_tensor(open_image(os.path.join(data, r["image"])), *args) for r in records])
-        sets[split] = pixels, targets, objects
-    head = torch.nn.Linear(tower.hidden_size, len(colors) * len(SHAPES))
-    (train_x, train_y, _), (val_x, _, val_objects) = sets["train"], sets["val"]
-    rows = train_readout(tower, head, len(train_y),
-                         lambda i: F.binary_cross_entropy_with_logits(pair_scores(tower, head, train_x[i]), train_y[i]),
-                         lambda: read_binding(pair_scores(tower, head, val_x), val_objects, len(SHAPES)),
-                         steps, batch_size, every)
-    print(f"{len(train_y)} train and {len(val_objects)} val images of 1-3 objects")
-    print("| step | color of the shape | shape of the color |")
-    print("|---|---|---|")
-    for k, (color, shape) in enumerate(rows):
-        print(f"| {(k + 1) * every} | {color:.3f} | {shape:.3f} |")
-    save = save_tower if save is None else save
-    if save:
-        tower.encoder.save_pretrained(save)
-        print(f"tower: {save} (python train.py --vision_tower={save})")
-
-
 if __name__ == "__main__":
-    globals().update(configurator.configure(dict(what=what, seed=seed, out_dir=out_dir, save_tower=save_tower),
-                                             sys.argv[1:]))
+    settings = configurator.configure(dict(what=what, seed=seed, out_dir=out_dir, save_tower=save_tower), sys.argv[1:])
+    globals().update(settings)
     names = [n[len("bench_"):] for n in list(globals()) if n.startswith("bench_")]
     for name in [n for n in names if n != "gpu"] if what == "all" else [what]:  # gpu: for a lent GPU alone
         if name not in names:
             sys.exit(f"unknown benchmark {name!r}; known: {', '.join(names)}")
         print(f"== {name}")
         t0 = time.time()
-        globals()["bench_" + name]()
+        bench = globals()["bench_" + name]
+        # bench_shapes.py's take the settings they use as arguments; the ones above read the globals
+        bench(**{k: v for k, v in settings.items() if k in inspect.signature(bench).parameters})
         print(f"({time.time() - t0:.1f}s)\n")
