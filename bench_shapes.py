@@ -69,21 +69,20 @@ def linear_probe(x_train, y_train, x_test, y_test, steps=300):
     probe = torch.nn.Linear(x_train.shape[1], n_classes)
     opt = torch.optim.AdamW(probe.parameters(), lr=0.05, weight_decay=1e-2)
     for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(probe(x_train), y_train)
+        loss = F.cross_entropy(probe(x_train), y_train)
         opt.zero_grad()
         loss.backward()
         opt.step()
     return (probe(x_test).argmax(-1) == y_test).float().mean().item()
 
 
-def bench_probe(data="data/shapes", n_train=1500, out_dir="out-shapes"):
+def bench_probe(data="data/shapes", n_train=1500, out_dir="out-shapes", seed=1337):
     """What a trained shapes model knows at each image patch ("What color is the circle?" needs the circle's
     patches found by their shape): a linear probe of the patch's color and of its object's shape,
     from the tower's features, the projector's output, and the LLM's hidden state at the patch's image token
     after each layer (the image read under the chat template, before any question). Over the patches whose
     center lies in an object; fitted on n_train train images, scored on the val images. Chance: color 1/6,
     shape 1/3 (a model that has the shape in every patch of its object scores 1)."""
-
     ckpt = newest(out_dir, names=WEIGHTS)
     if ckpt is None:
         print(f"no checkpoint in {out_dir}: train one first (python train.py), or name it: --out_dir=...")
@@ -124,6 +123,7 @@ def bench_probe(data="data/shapes", n_train=1500, out_dir="out-shapes"):
           f"1/{len(colors)}, shape 1/{len(shapes)}")
     print("| features | color | its object's shape |")
     print("|---|---|---|")
+    torch.manual_seed(seed)  # the probes' initial weights
     for name in train_x:
         acc = [linear_probe(train_x[name], train_y[:, j], val_x[name], val_y[:, j]) for j in (0, 1)]
         print(f"| {name} | {acc[0]:.3f} | {acc[1]:.3f} |")
@@ -160,7 +160,7 @@ def readout_pool(features, kind, inside, grid):
         return (features * w).sum(1) / w.sum(1)
     if kind == "mean of 3x3 max":
         maps = features.transpose(1, 2).reshape(len(features), -1, *grid)
-        features = torch.nn.functional.max_pool2d(maps, 3, 1, 1).flatten(2).transpose(1, 2)
+        features = F.max_pool2d(maps, 3, 1, 1).flatten(2).transpose(1, 2)
     return features.mean(1)
 
 
@@ -170,7 +170,6 @@ def bench_readout(data="data/shapes", steps=300, n_train=8000, batch_size=32, ev
     object's patches): the default's random tower trained on the shape of single-object images alone, with
     no LLM, through each readout, AdamW 2e-3, batch 32. 'per patch': each of the object's patches predicts
     it. Prints the val accuracy every `every` steps (chance 1/3)."""
-
     if not has_shapes(data):
         return
     spec = VLMConfig().vision_tower
