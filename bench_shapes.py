@@ -19,7 +19,7 @@ from checkpoint import WEIGHTS, load, newest
 from conversation import add_tokens, chat_template, stop_string, tokenize
 from data import collate, image_tensor, open_image
 from model import VLM, VisionTower, VLMConfig
-from sample import image_args
+from sample import image_args, left_pad
 from train_utils import lr_multiplier
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes"))
@@ -305,11 +305,7 @@ def oracle_sample(rng, tokenizer, template, num_image_tokens, width, size, ask=N
 
 def oracle_accuracy(model, tokenizer, template, val):
     """Greedy exact match on [(prompt ids, features, answer)], as eval.py scores a first turn."""
-    T = max(len(ids) for ids, _, _ in val)
-    input_ids = torch.full((len(val), T), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, (ids, _, _) in enumerate(val):
-        input_ids[i, T - len(ids):], attention_mask[i, T - len(ids):] = torch.tensor(ids), 1
+    input_ids, attention_mask = left_pad([ids for ids, _, _ in val], tokenizer.pad_token_id)
     new = model.generate(input_ids, attention_mask, torch.stack([f for _, f, _ in val]), max_new_tokens=8,
                          stop_token_ids={tokenizer.eos_token_id})
     stop = stop_string(template, tokenizer)

@@ -50,11 +50,7 @@ def ask(model, tokenizer, template, image_args, images, questions, max_new_token
         masks += [region_mask(r, region["frame"], img.size, mode, size) for r in placed]  # Ferret
         mask_image += [len(pixels)] * len(placed)
         pixels += [image_tensor(img, *image_args)] if img else []
-    T = max(map(len, prompts))
-    input_ids = torch.full((len(prompts), T), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, p in enumerate(prompts):
-        input_ids[i, T - len(p):], attention_mask[i, T - len(p):] = torch.tensor(p), 1
+    input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
     stop = stop_string(template, tokenizer)
     # on a GPU in bf16 autocast over the fp32 weights, whatever dtype trained them (a CPU stays in float32)
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -66,6 +62,16 @@ def ask(model, tokenizer, template, image_args, images, questions, max_new_token
                              region_image=torch.tensor(mask_image, device=device) if masks else None)
     texts = tokenizer.batch_decode(new.tolist(), skip_special_tokens=True)
     return [t.split(stop)[0].strip() for t in texts]
+
+
+def left_pad(prompts, pad_token_id):
+    """Token id lists -> (input_ids, attention_mask) [B, longest], padded on the left, as generate takes them."""
+    T = max(map(len, prompts))
+    input_ids = torch.full((len(prompts), T), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):
+        input_ids[i, T - len(p):], attention_mask[i, T - len(p):] = torch.tensor(p), 1
+    return input_ids, attention_mask
 
 
 def ends_with_text(tokenizer, stop):
