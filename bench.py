@@ -367,7 +367,8 @@ def bench_parallel(steps=3, width=512, layers=8, batch_size=48, nproc=2):
                    "train.py", f"--model_name_or_path={llm}", f"--parallel={parallel}",
                    f"--fsdp_reshard_after_forward={reshard}", f"--activation_checkpointing={ac}",
                    f"--batch_size={batch_size // nproc}", f"--max_iters={steps}", "--log_interval=1",
-                   "--eval_interval=100000", "--eval_data_path=", "--val_data_path=", "--out_dir=out-bench-parallel"]
+                   "--eval_interval=100000", "--eval_data_path=", "--val_data_path=", "--out_dir=out-bench-parallel",
+                   "--tower_data_path=", "--unfreeze_mm_vision_tower=True"]  # the tower trains: what to measure
             out = subprocess.run(cmd, capture_output=True, text=True,
                                  env={**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc))})
             line = [ln for ln in out.stdout.splitlines() if ln.startswith(f"step {steps}/")]
@@ -576,7 +577,8 @@ def bench_gpu(llm=QWEN2_05B, tower=SIGLIP_B, steps=30, images=2000, batch_size=1
     for name, settings in runs:
         args = dict(model_name_or_path=llm, vision_tower=tower, mm_vision_select_layer=-2, data_path=shards,
                     tokenizer_name_or_path=f"{shapes}/tokenizer", version="vicuna_v1", val_data_path="",
-                    eval_data_path="", unfreeze_mm_vision_tower=False, batch_size=batch_size, max_iters=steps,
+                    eval_data_path="", unfreeze_mm_vision_tower=False, tower_data_path="", data_multiple=1,
+                    batch_size=batch_size, max_iters=steps,
                     log_interval=steps, eval_interval=10 * steps, model_max_length=max_len, dtype=dtype,
                     out_dir=os.path.join(folder, "run"), init_from="scratch", **settings)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py"] + \
@@ -611,7 +613,8 @@ def bench_rank_memory(nproc=2, width=1536, layers=16, parallel="fsdp"):
                vocab_size=32000)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
            f"--model_name_or_path={llm}", f"--parallel={parallel}", "--batch_size=2", "--max_iters=1",
-           "--eval_interval=100000", "--eval_data_path=", "--val_data_path=", "--out_dir=out-bench-ranks"]
+           "--eval_interval=100000", "--eval_data_path=", "--val_data_path=", "--out_dir=out-bench-ranks",
+           "--tower_data_path=", "--unfreeze_mm_vision_tower=True"]
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines, set_up = [], threading.Event()

@@ -19,6 +19,8 @@ from checkpoint import WEIGHTS, load, newest
 from conversation import add_tokens, chat_template, stop_string, tokenize
 from data import collate, image_tensor, open_image
 from model import VLM, VisionTower, VLMConfig
+from pretrain_tower import caption_records as json_captions
+from pretrain_tower import pair_scores, teach_tower
 from sample import image_args, left_pad
 from train_utils import lr_multiplier
 
@@ -213,11 +215,6 @@ def bench_readout(data="data/shapes", steps=300, n_train=8000, batch_size=32, ev
         print(f"| {kind} | " + " | ".join(f"{a:.3f}" for a in row) + " |")
 
 
-def pair_scores(tower, head, pixels, batch=250):
-    """[N, 3, H, W] -> [N, pairs]: each (color, shape) pair's score, its best patch's (a max over the patches)."""
-    return torch.cat([head(tower(pixels[i:i + batch])).amax(1) for i in range(0, len(pixels), batch)])
-
-
 def read_binding(scores, objects, n_shapes):
     """Both binding questions answered off the pair scores [N, colors * shapes]: per object, the best color for
     its shape ("What color is the circle?") and the best shape for its color -> (the two accuracies)."""
@@ -229,41 +226,37 @@ def read_binding(scores, objects, n_shapes):
 
 def bench_binding(data="data/shapes", steps=500, n_train=8000, batch_size=32, every=100, seed=1337, save_tower=""):
     """Whether the default's random tower can bind a color to a shape at its patches when taught directly (the LLM
-    learns "What color is the circle?" last, bench_probe): a linear head on each patch scores the 18 (color, shape)
-    pairs, the image's score is the best patch's, and binary cross-entropy trains them against the pairs its
-    caption names (the caption's bigrams "red circle" as classes, after CatLIP's words), on images of 1-3 objects,
-    no LLM, AdamW 2e-3, batch 32. Prints both binding questions answered off the head on the val images every
-    `every` steps (chance: 1/6 and 1/3; one of the image's colors at random: about 0.6); save_tower: a
-    folder for the trained tower (an HF ConvNeXt, for train.py's vision_tower)."""
+    learns "What color is the circle?" last, bench_probe): pretrain_tower.teach_tower, as train.py's tower_iters
+    runs it, on the first n_train of captions.json (images of 1-3 objects), no LLM, AdamW 2e-3, batch 32. Prints
+    both binding questions answered off the head's (color, shape) pairs on the val images every `every` steps
+    (chance: 1/6 and 1/3; one of the image's colors at random: about 0.6); save_tower: a folder for the
+    trained tower (an HF ConvNeXt, for train.py's vision_tower)."""
     if not has_shapes(data):
         return
     colors = list(COLORS)
     torch.manual_seed(seed)
-    spec = VLMConfig().vision_tower
-    tower = VisionTower(spec, select_layer=-1)
-    tower.requires_grad_(True)
+    tower = VisionTower(VLMConfig().vision_tower, select_layer=-1)
     args = ("pad", tower.image_size, tower.image_mean, tower.image_std)  # as train.py feeds it
-    sets = {}
-    for split, limit in (("train", n_train), ("val", None)):
-        records = caption_records(data, split, limit)
-        objects = [[(colors.index(c), SHAPES.index(s)) for c, s in caption_objects(r["conversations"][1]["value"])]
-                   for r in records]
-        targets = torch.zeros(len(records), len(colors) * len(SHAPES))
-        for i, objs in enumerate(objects):
-            targets[i, [c * len(SHAPES) + s for c, s in objs]] = 1
-        pixels = torch.stack([image_tensor(open_image(os.path.join(data, r["image"])), *args) for r in records])
-        sets[split] = pixels, targets, objects
-    head = torch.nn.Linear(tower.hidden_size, len(colors) * len(SHAPES))
-    (train_x, train_y, _), (val_x, _, val_objects) = sets["train"], sets["val"]
-    rows = train_readout(tower, head, len(train_y),
-                         lambda i: F.binary_cross_entropy_with_logits(pair_scores(tower, head, train_x[i]), train_y[i]),
-                         lambda: read_binding(pair_scores(tower, head, val_x), val_objects, len(SHAPES)),
-                         steps, batch_size, every, seed)
-    print(f"{len(train_y)} train and {len(val_objects)} val images of 1-3 objects")
+    items = json_captions(os.path.join(data, "captions.json"), data)[:n_train]
+    val = [(os.path.join(data, r["image"]), r["conversations"][1]["value"]) for r in caption_records(data, "val")]
+    val_x = torch.stack([image_tensor(open_image(path), *args) for path, _ in val])
+    val_objects = [[(colors.index(c), SHAPES.index(s)) for c, s in caption_objects(text)] for _, text in val]
+    rows = []
+
+    def report(step, loss, head, index):
+        scores = torch.cat([pair_scores(tower, head, val_x[i:i + 250]) for i in range(0, len(val_x), 250)])
+        pairs = torch.full((len(scores), len(colors) * len(SHAPES)), -float("inf"))  # a pair never seen: never best
+        for k, (c, s) in enumerate((c, s) for c in colors for s in SHAPES):
+            if f"{c} {s}" in index:
+                pairs[:, k] = scores[:, index[f"{c} {s}"]]
+        rows.append((step, *read_binding(pairs, val_objects, len(SHAPES))))
+
+    teach_tower(tower, items, args, steps, batch_size, 2e-3, "cpu", seed, report=report, every=every)
+    print(f"{len(items)} train and {len(val)} val images of 1-3 objects")
     print("| step | color of the shape | shape of the color |")
     print("|---|---|---|")
-    for k, (color, shape) in enumerate(rows):
-        print(f"| {(k + 1) * every} | {color:.3f} | {shape:.3f} |")
+    for step, color, shape in rows:
+        print(f"| {step} | {color:.3f} | {shape:.3f} |")
     if save_tower:
         tower.encoder.save_pretrained(save_tower)
         print(f"tower: {save_tower} (python train.py --vision_tower={save_tower})")

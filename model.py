@@ -34,10 +34,11 @@ class VLMConfig:
     """The model's settings (LLaVA's ModelArguments), each also a config key of train.py, with the defaults
     of its tiny shapes model. A checkpoint's config.json holds them under "model", with the towers written
     out as config dicts, so that it rebuilds without the folders it came from."""
-    # the LLM: a path / hub id, or a config dict for a random init (sized to the tokenizer unless it says)
+    # the LLM: a path / hub id, or a config dict for a random init (sized to the tokenizer unless it says); the
+    # default's init is wider than transformers' 0.02, which kept the lookup of a color by shape on a plateau
     model_name_or_path: str | dict = field(default_factory=lambda: dict(
         model_type="llama", hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True))
+        num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.09))
     # the vision tower, the same. The default is a small ConvNeXt with a stride-2 stem: from scratch, a patchify
     # stem (a ViT's, or ConvNeXt's usual 4x4) did not learn shapes in the time a CPU has (BENCHMARKS.md); its
     # 6x6 map gives 36 image tokens

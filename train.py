@@ -38,6 +38,7 @@ from eval import evaluate, report
 from lora import apply_lora, base_checksum, find_targets, has_lora, is_lora
 from model import TOKENIZER_FIELDS, VLM, VLMConfig, check_packing
 from plot import plot_curves
+from pretrain_tower import caption_records, teach_tower
 from train_utils import (PREEMPTED, STOP, blocks, check_settings, checkpoint_blocks, exit_distributed, gpu_peak_flops,
                          init_distributed, interval_stats, log_line, lr_multiplier, split_batch, stage_starts,
                          stop_on_signals, take_rank0_weights, train_flops, trim_log, val_losses)
@@ -47,7 +48,7 @@ from train_utils import (PREEMPTED, STOP, blocks, check_settings, checkpoint_blo
 out_dir = "out-shapes"
 # 'scratch', 'resume' (out_dir's newest checkpoint), a checkpoint / out_dir, or a transformers LLaVA folder
 init_from = "scratch"
-eval_interval = 700  # optimizer steps between val losses and checkpoints
+eval_interval = 300  # optimizer steps between val losses and checkpoints
 log_interval = 50
 eval_iters = 10  # val batches per val loss
 keep_last = 1  # checkpoints kept in out_dir
@@ -60,13 +61,13 @@ wandb_project = "glimpse"
 wandb_run_name = "shapes"
 # data (several files: comma-separated, with one image folder each or one for all); data_path may also be a
 # folder of shards made by data.py; JSON files are made into shards under out_dir/data/
-data_path = "data/shapes/captions.json,data/shapes/train.json"
+data_path = "data/shapes/captions.json,data/shapes/colors.json,data/shapes/train.json"
 image_folder = "data/shapes"
 val_data_path = "data/shapes/val.json"
 val_image_folder = "data/shapes"
-version = "plain,vicuna_v1"  # chat template (conversation.py): one for all data files or one per file
+version = "plain,vicuna_v1,vicuna_v1"  # chat template (conversation.py): one for all data files or one per file
 curriculum = True  # the data files one after another (each shuffled, each a stage with its own lr schedule)
-data_multiple = "1"  # per data file (or one for all): times each record is seen per epoch (Ferret's; 0.5 = half)
+data_multiple = "0.25,0.5,1"  # per data file (or one for all): times each record is seen per epoch (0.5 = half)
 group_by_modality_length = False  # LLaVA's: batches of image or text-only records, each sorted by length
 strict = False  # a bad record is an error instead of a counted skip (data.py lists skips in skipped.jsonl)
 max_skipped = 0.5  # the share of a data file's records that may be skipped; more stops the run (a wrong folder?)
@@ -83,7 +84,12 @@ pretrain_mm_mlp_adapter = ""  # the projector from stage 1: its checkpoint, a .s
 tune_mm_mlp_adapter = False  # True: the projector only (LLaVA stage 1)
 freeze_backbone = False  # True: the LLM stays frozen
 llm_from_stage = 0  # curriculum: the LLM (or its adapters) trains from this stage (data file) on, frozen before
-unfreeze_mm_vision_tower = True  # the vision tower trains too (a random tower must)
+unfreeze_mm_vision_tower = False  # True: the vision tower trains too (a random tower must, unless taught first)
+# a random tower taught alone first, on captions (pretrain_tower.py: CatLIP's loss, with the caption's word pairs
+# as the classes), before the LLM's first step; a fresh run only
+tower_data_path = "data/shapes/captions.json"  # a JSON file of captions ('' skips)
+tower_image_folder = None  # None: image_folder
+tower_iters = 500  # its steps of batch_size images, AdamW at mm_vision_tower_lr (None: learning_rate)
 # Ferret: regions of the image in (GRIT records' <bbox_location{i}> placeholders, ferret.py), boxes out as text;
 # add_region_feature and the region sampler's settings are VLMConfig's
 point_input_sample = "segment_mask|center"  # a point region: 'center' or 'gaussian' (in the box),
@@ -101,7 +107,7 @@ lora_base_dtype = "float32"  # 'bfloat16' keeps the frozen weights under the ada
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
 batch_size = 32  # per process and micro-step
 gradient_accumulation_steps = 1  # micro-steps per optimizer step, summed over all processes
-max_iters = 2100  # optimizer steps; 0 means num_train_epochs over the data
+max_iters = 1800  # optimizer steps; 0 means num_train_epochs over the data
 num_train_epochs = 1
 learning_rate = 2e-3
 mm_projector_lr = None  # None: learning_rate
@@ -159,7 +165,7 @@ def log(*a):  # LLaVA's rank0_print
 if master:  # one run per out_dir; the built-in datasets make themselves on a first run
     lock(out_dir)
     remove_unfinished(out_dir)
-    for f in filter(None, ",".join((data_path, val_data_path, eval_data_path)).split(",")):
+    for f in filter(None, ",".join((data_path, val_data_path, eval_data_path, tower_data_path)).split(",")):
         make_if_missing(f)
 if ddp:
     dist.barrier(waits)
@@ -202,6 +208,17 @@ elif has_lora(model) and not lora_enable:
 if pretrain_mm_mlp_adapter and init_from != "resume" and not meta:  # a resumed run has its own, trained since
     load_projector(model, pretrain_mm_mlp_adapter)
     log(f"projector from {pretrain_mm_mlp_adapter}")
+
+if tower_data_path and tower_iters and not ckpt:  # rank 0 alone; the others take its weights with the rest
+    if master:
+        t_tower, tower = time.time(), model.vision_tower.to(device)
+        teach_tower(tower, caption_records(tower_data_path, tower_image_folder or image_folder),
+                    (image_aspect_ratio, tower.image_size, tower.image_mean, tower.image_std), tower_iters, batch_size,
+                    mm_vision_tower_lr or learning_rate, device, seed, autocast, every=log_interval,
+                    report=lambda step, loss, *_: log(f"tower step {step}/{tower_iters}: pair loss {loss:.4f}"))
+        log(f"tower taught on {tower_data_path} in {time.time() - t_tower:.0f} s")
+    if ddp:
+        dist.barrier(waits)
 
 # what trains, at which lr (stages are configs); with LoRA, the LLM (and a lora_vision_tower) through adapters
 model.requires_grad_(False)

@@ -272,7 +272,7 @@ AT_LEAST = {"batch_size": 1, "gradient_accumulation_steps": 1, "eval_interval": 
             "keep_last": 1, "model_max_length": 1, "num_train_epochs": 1, "lora_r": 1, "mm_patch_merge": 1,
             "max_iters": 0, "warmup_iters": 0, "num_workers": 0, "weight_decay": 0, "grad_clip": 0, "min_lr": 0,
             "peak_flops": 0, "lora_alpha": 0, "max_bad_steps": 0, "llm_from_stage": 0,
-            "eval_subset": 0, "eval_final": 0}
+            "eval_subset": 0, "eval_final": 0, "tower_iters": 0}
 BETWEEN = {"warmup_ratio": (0, 1), "max_skipped": (0, 1)}
 BELOW_ONE = ("beta1", "beta2", "lora_dropout")  # at least 0, less than 1
 
@@ -305,6 +305,10 @@ def check_settings(c):
         raise ValueError("packing=True with attn_implementation='flash_attention_2': transformers reads packed records "
                          "from position_ids for flash-attention in a batch of one row only, and collate packs "
                          "several: use 'sdpa' or 'flex_attention'")
+    if c["tower_data_path"] and c["tower_iters"] and c["lora_enable"]:
+        raise ValueError("tower_data_path with lora_enable=True: the LoRA base is saved before the tower is taught; "
+                         "teach it in a run without LoRA, then train adapters from that run's checkpoint with "
+                         "tower_data_path=''")
     if c["llm_from_stage"] and not c["curriculum"]:
         raise ValueError(f"llm_from_stage={c['llm_from_stage']} needs curriculum=True: the stages are its data files")
     if c["min_lr"] > c["learning_rate"]:

@@ -25,6 +25,7 @@ image_folder = ",".join(f"playground/images/{folder}" for folder in [
     "coco/train2014", "vg", "vg", "vg", "coco/train2014", "coco/train2014", "coco/train2014", "coco/train2014",
     "flickr30k", "objects365"])
 data_multiple = "3,1,0.2,0.2,1,1,1,1,1,1"
+tower_data_path = ""  # a pretrained tower: none taught first (the shapes default teaches its own)
 val_data_path = ""
 eval_data_path = ""
 model_max_length = 2048

@@ -11,6 +11,7 @@ version = "plain,auto"  # captions bare, conversations in the tokenizer's chat t
 data_path = "data/shapes/captions.json,data/shapes/train.json"
 curriculum = True
 data_multiple = "0.04,0.02"  # of the 40,000 captions and 80,000 conversations: 100 steps of each
+tower_data_path = ""  # no tower taught first: it learns in the run (the shapes default teaches its own)
 max_iters = 0  # one epoch of that
 llm_from_stage = 1  # frozen in stage 0
 # a small ViT from scratch (CLIP's architecture): 16-pixel patches of the 48-pixel images, 9 image tokens, as

@@ -8,6 +8,13 @@ data_path = "data/shapes/captions.json,data/shapes/ferret_train.json"
 version = "plain,vicuna_v1"
 curriculum = True
 data_multiple = "0.5,1"
+tower_data_path = ""  # no tower taught first: it learns in the run (the shapes default teaches its own)
+unfreeze_mm_vision_tower = True  # a random tower must learn
+# the default's LLM at transformers' init (0.02), with which the figures in BENCHMARKS.md were measured
+model_name_or_path = dict(model_type="llama", hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                          tie_word_embeddings=True)
+eval_interval = 700
 val_data_path = "data/shapes/ferret_val.json"
 eval_data_path = "data/shapes/ferret_val_questions.json"
 add_region_feature = True

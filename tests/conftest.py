@@ -79,7 +79,8 @@ def train_args(shapes, out_dir, **overrides):
                 data_path=shapes / "train.json", image_folder=shapes, val_data_path=shapes / "val.json",
                 version="vicuna_v1", val_image_folder=shapes, eval_data_path=shapes / "val_questions.json",
                 eval_image_folder=shapes, out_dir=out_dir, batch_size=8, max_iters=6, eval_interval=1000, eval_iters=2,
-                log_interval=1, warmup_iters=1)
+                log_interval=1, warmup_iters=1, data_multiple=1, tower_data_path="",
+                unfreeze_mm_vision_tower=True)
     args.update(overrides)
     return [f"--{k}={v}" for k, v in args.items()]
 

@@ -684,3 +684,17 @@ def test_no_shapes_conversation_gives_an_answer_away(shapes):
             named = [words & set(re.findall(r"\w+", q["value"] + " " + a["value"])) & present
                      for q, a in zip(msgs[::2], msgs[1::2])]
             assert all(not (a & b) for i, a in enumerate(named) for b in named[i + 1:]), (r["id"], msgs)
+
+
+def test_shapes_colors_ask_the_color_of_a_shape_in_the_image(shapes):
+    """colors.json: one turn per train image, "What color is the <shape>?" of a shape the image holds, answered with
+    that object's color as its caption names it (the same images as captions.json, in the same order)."""
+    colors, captions = (json.loads((shapes / f).read_text()) for f in ("colors.json", "captions.json"))
+    assert [r["image"] for r in colors] == [r["image"] for r in captions]
+    asked = set()
+    for r, c in zip(colors, captions):
+        (q, a), caption = r["conversations"], c["conversations"][1]["value"]
+        shape = re.fullmatch(r"<image>\nWhat color is the (\w+)\?", q["value"]).group(1)
+        assert f"{a['value']} {shape}" in caption, (r, caption)
+        asked.add(shape)
+    assert asked == {"circle", "square", "triangle"}

@@ -224,3 +224,17 @@ def test_from_pretrained_folders_the_other_ranks_take_rank_0s_weights(train, tok
     two = train(tmp_path / "two", nproc=2, parallel="fsdp", **folders)
     assert "ranks 1-1: the model's shapes on the meta device, then rank 0's weights by broadcast" in two.stdout
     compare(one, two)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_tower_taught_first_by_rank_0_reaches_every_rank_and_then_stays_frozen(shapes, train, tmp_path, parallel):
+    """tower_iters: rank 0 teaches the tower alone (pretrain_tower.py) while the other ranks wait; they take its
+    weights with the rest of the model, so the run trains as one process does. The tower is frozen after it."""
+    taught = dict(COMMON, tower_data_path=shapes / "captions.json", tower_iters=3, unfreeze_mm_vision_tower=False)
+    one = train(tmp_path / "one", **taught)
+    two = train(tmp_path / "two", nproc=2, parallel=parallel, **taught)
+    assert two.stdout.count("tower step 3/3: pair loss") == 1 and "tower taught on" in two.stdout
+    compare(one, two)
+    close(weights(one), weights(two))
+    tower = [k for k in weights(one) if k.startswith("vision_tower.")]
+    assert tower and all(weights(one, 3)[k].equal(weights(one)[k]) for k in tower)

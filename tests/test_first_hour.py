@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.real_llm
 SMALL = ["--eval_interval=2", "--batch_size=4", "--log_interval=1", "--eval_iters=1", "--eval_subset=0",
-         "--eval_final=2", "--warmup_iters=1", "--keep_last=2"]
+         "--eval_final=2", "--warmup_iters=1", "--keep_last=2", "--tower_iters=2"]
 
 
 def first_hour_section():

@@ -319,7 +319,7 @@ BAD_SETTINGS = [("max_iters", -5, "at least 0"), ("min_lr", 1.0, "above learning
                 ("image_aspect_ratio", "stretch", "use one of"), ("mm_projector_lr", -1.0, "positive"),
                 ("lora_enable", True, "cannot also be frozen"), ("beta2", 1.0, "less than 1"),
                 ("llm_from_stage", -1, "at least 0"), ("eval_final", -1, "at least 0"),
-                ("llm_from_stage", 1, "needs curriculum=True")]
+                ("llm_from_stage", 1, "needs curriculum=True"), ("tower_iters", -1, "at least 0")]
 
 
 @pytest.mark.parametrize("key, value, says", BAD_SETTINGS)
@@ -332,6 +332,15 @@ def test_each_bad_setting_is_named_before_anything_is_built(key, value, says):
     with pytest.raises(ValueError, match=re.escape(f"{key}=") + ".*" + re.escape(says)):
         check_settings(config)
     check_settings(train_defaults())
+
+
+def test_a_tower_taught_first_is_refused_under_lora():
+    """The LoRA base is written before the tower would be taught: its adapters would load onto the untaught one."""
+    from test_configurator import train_defaults
+
+    from train_utils import check_settings
+    with pytest.raises(ValueError, match="tower_data_path with lora_enable=True"):
+        check_settings({**train_defaults(), "tower_data_path": "captions.json", "lora_enable": True})
 
 
 def test_train_py_checks_its_settings_first(shapes, tmp_path):

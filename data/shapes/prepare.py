@@ -9,6 +9,8 @@ a gray background of varied shade. Files, all LLaVA-format JSON:
   train.json, val.json      per image: a caption, and a conversation of color, shape, count,
                             exists and grounding questions
   captions.json             one caption per train image, for stage-1 alignment with the plain template
+  colors.json               one "What color is the <shape>?" per train image, a conversation of its own: the
+                            binding's stage between the captions and the conversations
   val_questions.json        single questions with their type and answer, for eval.py
   ferret_train.json, ferret_val.json
                             per image, Ferret's GRIT format: referring questions about a region
@@ -171,7 +173,7 @@ def build_split(rng, split, n, size, out, seed):
     read off the image). captions.json holds the captions again in the plain template: every word of a
     caption depends on the image, so training on them first teaches the model to look."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    records, captions, single, ferret, ferret_single = [], [], [], [], []
+    records, captions, colors, single, ferret, ferret_single = [], [], [], [], [], []
     for i in range(n):
         objects = place_shapes(rng, size)
         image = f"images/{split}_{i:06d}.png"
@@ -182,12 +184,15 @@ def build_split(rng, split, n, size, out, seed):
                     {"id": f"{split}_{i}_caption", "image": image, "conversations": turns([qs[-1][1:]])}]
         captions.append({"id": f"{split}_{i}", "image": image, "conversations": [
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": qs[-1][2]}]})
+        shape, color, _ = random.Random(f"{seed}-color-{split}-{i}").choice(objects)  # the other files stay the same
+        colors.append({"id": f"{split}_{i}_color", "image": image,
+                       "conversations": turns([(ASK["color"].format(shape=shape), color)])})
         single += [{"id": f"{split}_{i}_{t}", "image": image, "type": t, "question": q, "answer": a} for t, q, a in qs]
         # Ferret's records draw from a generator of their own: the files above stay what they were
         ferret.append(ferret_record(random.Random(f"{seed}-ferret-{split}-{i}"), objects, size, f"{split}_{i}_ferret",
                                     image))
         ferret_single += ferret_questions(objects, size, f"{split}_{i}", image)
-    return records, captions, single, ferret, ferret_single
+    return records, captions, colors, single, ferret, ferret_single
 
 
 def train_tokenizer(texts, path, vocab_size):
@@ -220,10 +225,11 @@ def main():
     a = p.parse_args()
     rng = random.Random(a.seed)
     files = {}
-    files["train.json"], files["captions.json"], _, files["ferret_train.json"], _ = \
+    files["train.json"], files["captions.json"], files["colors.json"], _, files["ferret_train.json"], _ = \
         build_split(rng, "train", a.train, a.size, a.out, a.seed)
-    files["val.json"], _, files["val_questions.json"], files["ferret_val.json"], files["ferret_val_questions.json"] = \
-        build_split(rng, "val", a.val, a.size, a.out, a.seed)
+    val = build_split(rng, "val", a.val, a.size, a.out, a.seed)
+    files["val.json"], files["val_questions.json"], files["ferret_val.json"], files["ferret_val_questions.json"] = \
+        val[0], val[3], val[4], val[5]
     texts = [render("vicuna_v1", r["conversations"]) for r in files["train.json"]]
     train_tokenizer(texts, os.path.join(a.out, "tokenizer"), a.vocab_size)
     for name, records in files.items():  # the JSON last: its presence means the split is complete
