@@ -88,7 +88,7 @@ unfreeze_mm_vision_tower = False  # True: the vision tower trains too (a random 
 # a random tower taught alone first, on captions (pretrain_tower.py: CatLIP's loss, with the caption's word pairs
 # as the classes), before the LLM's first step; a fresh run only
 tower_data_path = "data/shapes/captions.json"  # a JSON file of captions ('' skips)
-tower_image_folder = None  # None: image_folder
+tower_image_folder = None  # None: image_folder (its first, where it names one per data file)
 tower_iters = 500  # its steps of batch_size images, AdamW at mm_vision_tower_lr (None: learning_rate)
 # Ferret: regions of the image in (GRIT records' <bbox_location{i}> placeholders, ferret.py), boxes out as text;
 # add_region_feature and the region sampler's settings are VLMConfig's
@@ -212,7 +212,7 @@ if pretrain_mm_mlp_adapter and init_from != "resume" and not meta:  # a resumed 
 if tower_data_path and tower_iters and not ckpt:  # rank 0 alone; the others take its weights with the rest
     if master:
         t_tower, tower = time.time(), model.vision_tower.to(device)
-        teach_tower(tower, caption_records(tower_data_path, tower_image_folder or image_folder),
+        teach_tower(tower, caption_records(tower_data_path, tower_image_folder or image_folder.split(",")[0]),
                     (image_aspect_ratio, tower.image_size, tower.image_mean, tower.image_std), tower_iters, batch_size,
                     mm_vision_tower_lr or learning_rate, device, seed, autocast, every=log_interval,
                     report=lambda step, loss, *_: log(f"tower step {step}/{tower_iters}: pair loss {loss:.4f}"))

@@ -227,9 +227,8 @@ def main():
     files = {}
     files["train.json"], files["captions.json"], files["colors.json"], _, files["ferret_train.json"], _ = \
         build_split(rng, "train", a.train, a.size, a.out, a.seed)
-    val = build_split(rng, "val", a.val, a.size, a.out, a.seed)
-    files["val.json"], files["val_questions.json"], files["ferret_val.json"], files["ferret_val_questions.json"] = \
-        val[0], val[3], val[4], val[5]
+    files["val.json"], _, _, files["val_questions.json"], files["ferret_val.json"], \
+        files["ferret_val_questions.json"] = build_split(rng, "val", a.val, a.size, a.out, a.seed)
     texts = [render("vicuna_v1", r["conversations"]) for r in files["train.json"]]
     train_tokenizer(texts, os.path.join(a.out, "tokenizer"), a.vocab_size)
     for name, records in files.items():  # the JSON last: its presence means the split is complete
