@@ -62,6 +62,9 @@ TEMPLATES = {
     "auto": dict(style="auto"),
 }
 TEMPLATES["v1"] = TEMPLATES["vicuna_v1"]
+# vicuna_v1 with the image after the question (not LLaVA's): under causal attention the image's tokens can then
+# attend to the question, so each patch can answer "am I the circle?" itself (BENCHMARKS.md, issue 15, section 13)
+TEMPLATES["vicuna_v1_image_last"] = dict(TEMPLATES["vicuna_v1"], image_last=True)
 
 
 def chat_template(version):
@@ -76,15 +79,17 @@ def get_template(name):
     return TEMPLATES[name]
 
 
-def move_image_first(value):
+def move_image(value, last=False):
     """LLaVA's preprocess_multimodal: the <image> tag leaves its place, the rest is stripped, and the tag opens the
-    message followed by a newline. A message with several tags (several images) keeps them in place."""
+    message followed by a newline (last=True: closes it, after a newline). A message with several tags (several
+    images) keeps them in place."""
     if value.count(IMAGE_TOKEN) != 1:
         return value
-    return (IMAGE_TOKEN + "\n" + value.replace(IMAGE_TOKEN, "").strip()).strip()
+    rest = value.replace(IMAGE_TOKEN, "").strip()
+    return (rest + "\n" + IMAGE_TOKEN if last else IMAGE_TOKEN + "\n" + rest).strip()
 
 
-def check_messages(messages):
+def check_messages(messages, image_last=False):
     """-> (system or None, [(question, reply or None)]), or a ValueError that says what is wrong."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("empty conversation")
@@ -105,7 +110,7 @@ def check_messages(messages):
             raise ValueError(f"message {i} ({m['from']}) is empty")
         if m["from"] == "gpt" and IMAGE_TOKEN in m["value"]:
             raise ValueError(f"message {i}: an assistant reply cannot hold {IMAGE_TOKEN}")
-    values = [move_image_first(m["value"]) for m in messages] + [None]
+    values = [move_image(m["value"], image_last) for m in messages] + [None]
     return system, list(zip(values[0::2], values[1::2]))
 
 
@@ -115,7 +120,7 @@ def segments(template, messages, tokenizer=None):
     t = get_template(template)
     if t["style"] == "auto":
         return auto_segments(messages, tokenizer)
-    system, turns = check_messages(messages)
+    system, turns = check_messages(messages, t.get("image_last", False))
     system = t["system"] if system is None else system
     style, out = t["style"], []
     if style == "plain":  # LLaVA's preprocess_plain: the human turn is replaced by the image alone

@@ -58,10 +58,11 @@ def jinja_chat_template(name, tokenizer=None):
         return flat + ("{%- for m in messages -%}{%- if m.role == 'user' -%}{{ '<image>' }}"
                        "{%- elif m.role == 'assistant' -%}{{ flat(m.content) + " + q(t["sep"]) + " }}"
                        "{%- endif -%}{%- endfor -%}")
-    # LLaVA moves a message's one image to its front: '<image>\n' + the rest, stripped
-    image_first = ("{%- macro user(c) -%}{%- set s = flat(c) -%}{%- if s.count('<image>') == 1 -%}"
-                   "{{ ('<image>\n' + s.replace('<image>', '') | trim) | trim }}{%- else -%}{{ s }}{%- endif -%}"
-                   "{%- endmacro -%}")
+    # LLaVA moves a message's one image to its front: '<image>\n' + the rest, stripped (or to its end)
+    moved = "(s.replace('<image>', '') | trim) + '\n<image>'" if t.get("image_last") else \
+        "'<image>\n' + s.replace('<image>', '') | trim"
+    user_macro = ("{%- macro user(c) -%}{%- set s = flat(c) -%}{%- if s.count('<image>') == 1 -%}"
+                   "{{ (" + moved + ") | trim }}{%- else -%}{{ s }}{%- endif -%}{%- endmacro -%}")
     # each style as Jinja expressions: the text before the first turn, a user turn, an assistant turn, the
     # assistant's cue; s is the system prompt, q and a the messages, first whether q is the first question
     sep, sep2 = q(t.get("sep", "")), q(t.get("sep2", ""))
@@ -85,7 +86,7 @@ def jinja_chat_template(name, tokenizer=None):
                   f"'<start_of_turn>model\n' + (a | trim) + {sep2} + '\n'", "'<start_of_turn>model\n'"),
     }
     before, user, assistant, cue = style[t["style"]]
-    return flat + image_first + (
+    return flat + user_macro + (
         "{%- set ns = namespace(s=" + q(t["system"]) + ", first=true) -%}"
         "{%- for m in messages -%}"
         "{%- if m.role == 'system' -%}{%- set ns.s = flat(m.content) -%}"

@@ -36,8 +36,8 @@ VAL_LINE = re.compile(r"^step (\d+): val loss (\S+), with shuffled images (\S+)"
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory):
     """The shapes dataset with 96 train and 16 val images: train.json (a conversation and a caption per
-    image), val.json, captions.json,
-    val_questions.json, images/ and tokenizer/ (a real byte-level BPE trained on the train text)."""
+    image), val.json, captions.json, colors.json, questions.json, val_questions.json, images/ and tokenizer/ (a
+    real byte-level BPE trained on the train text)."""
     out = tmp_path_factory.mktemp("shapes")
     subprocess.run([sys.executable, "data/shapes/prepare.py", "--out", str(out), "--train", "96", "--val", "16"],
                    cwd=REPO, check=True, capture_output=True, text=True, timeout=300)

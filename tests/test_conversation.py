@@ -235,7 +235,17 @@ def test_templates_render_the_published_text(template):
 
 
 def test_every_template_is_covered():
-    assert set(PUBLISHED) | {"plain", "auto", "v1"} == set(TEMPLATES)
+    assert set(PUBLISHED) | {"plain", "auto", "v1", "vicuna_v1_image_last"} == set(TEMPLATES)
+
+
+def test_image_last_puts_the_image_after_the_question_of_its_message_only():
+    last = "vicuna_v1_image_last"
+    text = render(last, conv("<image>\nWhat is this?", "A cat.", "Color?", "Black."))
+    assert text == VICUNA_SYSTEM + " USER: What is this?\n<image> ASSISTANT: A cat.</s>USER: Color? ASSISTANT: " \
+                                   "Black.</s>"
+    assert render(last, conv("What is this? <image>")) == render(last, conv("<image>What is this?"))
+    assert render(last, conv("What is this? <image>")).endswith(" USER: What is this?\n<image> ASSISTANT:")
+    assert "USER: A <image> B <image> ASSISTANT:" in render(last, conv("A <image> B <image>"))  # several: in place
 
 
 def test_gemma_puts_the_system_prompt_in_the_first_user_turn_and_trims():

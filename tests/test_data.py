@@ -698,3 +698,17 @@ def test_shapes_colors_ask_the_color_of_a_shape_in_the_image(shapes):
         assert f"{a['value']} {shape}" in caption, (r, caption)
         asked.add(shape)
     assert asked == {"circle", "square", "triangle"}
+
+
+def test_shapes_questions_are_train_jsons_questions_one_per_record(shapes):
+    """questions.json: every question of train.json (its conversations' turns and the caption records), in order,
+    each a conversation of its own about the same image, with the image tag in it."""
+    questions, train = (json.loads((shapes / f).read_text()) for f in ("questions.json", "train.json"))
+    want = [(r["image"], q["value"].replace("<image>\n", ""), a["value"])
+            for r in train for q, a in zip(r["conversations"][::2], r["conversations"][1::2])]
+    got = []
+    for r in questions:
+        q, a = r["conversations"]
+        assert q["value"].startswith("<image>\n") and q["value"].count("<image>") == 1, r
+        got.append((r["image"], q["value"].replace("<image>\n", ""), a["value"]))
+    assert got == want and len({r["id"] for r in questions}) == len(questions)

@@ -11,6 +11,8 @@ a gray background of varied shade. Files, all LLaVA-format JSON:
   captions.json             one caption per train image, for stage-1 alignment with the plain template
   colors.json               one "What color is the <shape>?" per train image, a conversation of its own: the
                             binding's stage between the captions and the conversations
+  questions.json            train.json's questions (the caption's too), each a conversation of its own, so
+                            that an image after its question (vicuna_v1_image_last) comes after every question
   val_questions.json        single questions with their type and answer, for eval.py
   ferret_train.json, ferret_val.json
                             per image, Ferret's GRIT format: referring questions about a region
@@ -173,7 +175,7 @@ def build_split(rng, split, n, size, out, seed):
     read off the image). captions.json holds the captions again in the plain template: every word of a
     caption depends on the image, so training on them first teaches the model to look."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    records, captions, colors, single, ferret, ferret_single = [], [], [], [], [], []
+    records, captions, colors, turned, single, ferret, ferret_single = [], [], [], [], [], [], []
     for i in range(n):
         objects = place_shapes(rng, size)
         image = f"images/{split}_{i:06d}.png"
@@ -187,12 +189,14 @@ def build_split(rng, split, n, size, out, seed):
         shape, color, _ = random.Random(f"{seed}-color-{split}-{i}").choice(objects)  # the other files stay the same
         colors.append({"id": f"{split}_{i}_color", "image": image,
                        "conversations": turns([(ASK["color"].format(shape=shape), color)])})
+        turned += [{"id": f"{split}_{i}_{k}", "image": image, "conversations": turns([qa])}
+                   for k, qa in enumerate(chat + [qs[-1][1:]])]
         single += [{"id": f"{split}_{i}_{t}", "image": image, "type": t, "question": q, "answer": a} for t, q, a in qs]
         # Ferret's records draw from a generator of their own: the files above stay what they were
         ferret.append(ferret_record(random.Random(f"{seed}-ferret-{split}-{i}"), objects, size, f"{split}_{i}_ferret",
                                     image))
         ferret_single += ferret_questions(objects, size, f"{split}_{i}", image)
-    return records, captions, colors, single, ferret, ferret_single
+    return records, captions, colors, turned, single, ferret, ferret_single
 
 
 def train_tokenizer(texts, path, vocab_size):
@@ -225,9 +229,9 @@ def main():
     a = p.parse_args()
     rng = random.Random(a.seed)
     files = {}
-    files["train.json"], files["captions.json"], files["colors.json"], _, files["ferret_train.json"], _ = \
-        build_split(rng, "train", a.train, a.size, a.out, a.seed)
-    files["val.json"], _, _, files["val_questions.json"], files["ferret_val.json"], \
+    files["train.json"], files["captions.json"], files["colors.json"], files["questions.json"], _, \
+        files["ferret_train.json"], _ = build_split(rng, "train", a.train, a.size, a.out, a.seed)
+    files["val.json"], _, _, _, files["val_questions.json"], files["ferret_val.json"], \
         files["ferret_val_questions.json"] = build_split(rng, "val", a.val, a.size, a.out, a.seed)
     texts = [render("vicuna_v1", r["conversations"]) for r in files["train.json"]]
     train_tokenizer(texts, os.path.join(a.out, "tokenizer"), a.vocab_size)
