@@ -62,7 +62,7 @@ def jinja_chat_template(name, tokenizer=None):
     moved = "(s.replace('<image>', '') | trim) + '\n<image>'" if t.get("image_last") else \
         "'<image>\n' + s.replace('<image>', '') | trim"
     user_macro = ("{%- macro user(c) -%}{%- set s = flat(c) -%}{%- if s.count('<image>') == 1 -%}"
-                   "{{ (" + moved + ") | trim }}{%- else -%}{{ s }}{%- endif -%}{%- endmacro -%}")
+                  "{{ (" + moved + ") | trim }}{%- else -%}{{ s }}{%- endif -%}{%- endmacro -%}")
     # each style as Jinja expressions: the text before the first turn, a user turn, an assistant turn, the
     # assistant's cue; s is the system prompt, q and a the messages, first whether q is the first question
     sep, sep2 = q(t.get("sep", "")), q(t.get("sep2", ""))
