@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from checkpoint import WEIGHTS, load, newest
-from conversation import add_tokens, chat_template, stop_string, tokenize
+from conversation import add_tokens, chat_template, image_order, stop_string, tokenize
 from data import collate, image_tensor, open_image
 from model import VLM, VisionTower, VLMConfig
 from pretrain_tower import caption_records as json_captions
@@ -93,9 +93,9 @@ def bench_probe(data="data/shapes", n_train=1500, out_dir="out-shapes", seed=133
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     template = chat_template(config["train"]["version"])
-    prompt = tokenize(template, [{"from": "human", "value": "<image>\nWhat color is the circle?"}], tokenizer,
-                      model.num_image_tokens)[0]
-    ids = torch.tensor([prompt])
+    message = [{"from": "human", "value": "<image>\nWhat color is the circle?"}]
+    ids = torch.tensor([tokenize(template, message, tokenizer, model.num_image_tokens)[0]])
+    copies = len(image_order(template, message))  # vicuna_v1_image_both: the probe reads the first
     positions = (ids[0] == model.image_token_id).nonzero().squeeze(1)
     grid = int(model.num_image_tokens ** 0.5)
     args = image_args(model, config["train"])
@@ -111,7 +111,7 @@ def bench_probe(data="data/shapes", n_train=1500, out_dir="out-shapes", seed=133
             with torch.no_grad():
                 pixels = image_tensor(open_image(path), *args).unsqueeze(0)
                 tower, projected = model.encode_images(pixels)
-                emb = model.embed(ids, pixels)
+                emb = model.embed(ids, pixels.expand(copies, -1, -1, -1))
                 hidden = model.llm.base_model(inputs_embeds=emb, output_hidden_states=True).hidden_states[1:]
             index = torch.tensor([k for k, _, _ in patches])
             layers = {"tower": tower[0], "projector": projected[0],

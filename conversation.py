@@ -64,7 +64,10 @@ TEMPLATES = {
 TEMPLATES["v1"] = TEMPLATES["vicuna_v1"]
 # vicuna_v1 with the image after the question (not LLaVA's): under causal attention the image's tokens can then
 # attend to the question, so each patch can answer "am I the circle?" itself (BENCHMARKS.md, issue 15, section 13)
-TEMPLATES["vicuna_v1_image_last"] = dict(TEMPLATES["vicuna_v1"], image_last=True)
+TEMPLATES["vicuna_v1_image_last"] = dict(TEMPLATES["vicuna_v1"], image_at="last")
+# the image both before and after the question: the question reads the image, as in LLaVA's order, and the second
+# copy reads the question; one image file, two blocks of image tokens (BENCHMARKS.md, issue 15, section 14)
+TEMPLATES["vicuna_v1_image_both"] = dict(TEMPLATES["vicuna_v1"], image_at="both")
 
 
 def chat_template(version):
@@ -79,17 +82,29 @@ def get_template(name):
     return TEMPLATES[name]
 
 
-def move_image(value, last=False):
+def move_image(value, at="first"):
     """LLaVA's preprocess_multimodal: the <image> tag leaves its place, the rest is stripped, and the tag opens the
-    message followed by a newline (last=True: closes it, after a newline). A message with several tags (several
-    images) keeps them in place."""
+    message followed by a newline (at='last': closes it, after a newline; 'both': does both). A message with
+    several tags (several images) keeps them in place."""
     if value.count(IMAGE_TOKEN) != 1:
         return value
-    rest = value.replace(IMAGE_TOKEN, "").strip()
-    return (rest + "\n" + IMAGE_TOKEN if last else IMAGE_TOKEN + "\n" + rest).strip()
+    parts = [IMAGE_TOKEN] * (at != "last") + [value.replace(IMAGE_TOKEN, "").strip()] + [IMAGE_TOKEN] * (at != "first")
+    return "\n".join(p for p in parts if p)
 
 
-def check_messages(messages, image_last=False):
+def image_order(template, messages):
+    """For each <image> of the rendered text, in order, the index of the record's image it shows: 0, 1, ...,
+    except that image_at='both' shows a message's one image twice."""
+    t = get_template(template)
+    twice = t.get("image_at") == "both" and t["style"] not in ("plain", "auto")
+    order = []
+    for m in messages:
+        n, first = m["value"].count(IMAGE_TOKEN), (order[-1] + 1 if order else 0)
+        order += [first, first] if twice and n == 1 else list(range(first, first + n))
+    return order
+
+
+def check_messages(messages, image_at="first"):
     """-> (system or None, [(question, reply or None)]), or a ValueError that says what is wrong."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("empty conversation")
@@ -110,7 +125,7 @@ def check_messages(messages, image_last=False):
             raise ValueError(f"message {i} ({m['from']}) is empty")
         if m["from"] == "gpt" and IMAGE_TOKEN in m["value"]:
             raise ValueError(f"message {i}: an assistant reply cannot hold {IMAGE_TOKEN}")
-    values = [move_image(m["value"], image_last) for m in messages] + [None]
+    values = [move_image(m["value"], image_at) for m in messages] + [None]
     return system, list(zip(values[0::2], values[1::2]))
 
 
@@ -120,7 +135,7 @@ def segments(template, messages, tokenizer=None):
     t = get_template(template)
     if t["style"] == "auto":
         return auto_segments(messages, tokenizer)
-    system, turns = check_messages(messages, t.get("image_last", False))
+    system, turns = check_messages(messages, t.get("image_at", "first"))
     system = t["system"] if system is None else system
     style, out = t["style"], []
     if style == "plain":  # LLaVA's preprocess_plain: the human turn is replaced by the image alone

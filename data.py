@@ -49,7 +49,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import ferret  # Ferret
-from conversation import IGNORE_INDEX, IMAGE_TOKEN, REGION_TOKEN, add_tokens, bos_ids, get_template, tokenize
+from conversation import (IGNORE_INDEX, IMAGE_TOKEN, REGION_TOKEN, add_tokens, bos_ids, get_template, image_order,
+                          tokenize)
 
 FORMAT = 2  # bump when the shard layout changes: older shards are then rebuilt or refused
 ROLES = {"human": "human", "gpt": "gpt", "system": "system", "user": "human", "assistant": "gpt"}
@@ -249,6 +250,7 @@ def prepare(record, folder, template, tokenizer, num_image_tokens, max_len, regi
         ids, labels = tokenize(template, messages, tokenizer, 1)
     except ValueError as e:  # turns out of order, an empty message, <image> in a reply, ...
         raise Skip(f"bad conversation: {e}") from e
+    paths = [paths[i] for i in image_order(template, messages)]  # an image the template shows twice: both blocks
     ids = np.asarray(ids, np.int32)
     ids, trained = truncate(ids, np.asarray(labels) != IGNORE_INDEX, max_len,
                             tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), num_image_tokens)

@@ -11,7 +11,8 @@ others) loads without glimpse:
     processor = AutoProcessor.from_pretrained("llava-hf")
 
 The folder holds config.json and model.safetensors (hf_llava.save_hf_llava), the tokenizer, the image
-processor settings that redo data.load_image, and the run's chat template as Jinja. A model that Llava
+processor settings that redo data.load_image, and the run's chat template as Jinja (vicuna_v1_image_both writes
+a message's one image twice: give the processor the image twice, images=[image, image]). A model that Llava
 cannot represent (a conv tower, merged patches, a projector other than 'mlp2x_gelu' or 'linear', a
 region sampler, ...) is refused with the reason. `init_from=<folder>` in train.py reads it back.
 A LoRA checkpoint is merged first (lora.merge_lora: W + scaling * B A), so either folder is a plain model.
@@ -58,11 +59,11 @@ def jinja_chat_template(name, tokenizer=None):
         return flat + ("{%- for m in messages -%}{%- if m.role == 'user' -%}{{ '<image>' }}"
                        "{%- elif m.role == 'assistant' -%}{{ flat(m.content) + " + q(t["sep"]) + " }}"
                        "{%- endif -%}{%- endfor -%}")
-    # LLaVA moves a message's one image to its front: '<image>\n' + the rest, stripped (or to its end)
-    moved = "(s.replace('<image>', '') | trim) + '\n<image>'" if t.get("image_last") else \
-        "'<image>\n' + s.replace('<image>', '') | trim"
+    # LLaVA moves a message's one image to its front, joined by a newline to the rest, stripped (or to its end, or both)
+    at = t.get("image_at", "first")
+    moved = "[" + "'<image>', " * (at != "last") + "s.replace('<image>', '') | trim" + ", '<image>'" * (at != "first")
     user_macro = ("{%- macro user(c) -%}{%- set s = flat(c) -%}{%- if s.count('<image>') == 1 -%}"
-                  "{{ (" + moved + ") | trim }}{%- else -%}{{ s }}{%- endif -%}{%- endmacro -%}")
+                  "{{ " + moved + "] | select | join('\n') }}{%- else -%}{{ s }}{%- endif -%}{%- endmacro -%}")
     # each style as Jinja expressions: the text before the first turn, a user turn, an assistant turn, the
     # assistant's cue; s is the system prompt, q and a the messages, first whether q is the first question
     sep, sep2 = q(t.get("sep", "")), q(t.get("sep2", ""))

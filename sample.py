@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 import configurator
 from checkpoint import WEIGHTS, load, newest
-from conversation import BOX, chat_template, stop_string, tokenize
+from conversation import BOX, chat_template, image_order, stop_string, tokenize
 from data import image_tensor, open_image, region_mask
 from ferret import place_regions  # Ferret
 
@@ -49,7 +49,7 @@ def ask(model, tokenizer, template, image_args, images, questions, max_new_token
         prompts.append(tokenize(template, messages, tokenizer, model.num_image_tokens)[0])
         masks += [region_mask(r, region["frame"], img.size, mode, size) for r in placed]  # Ferret
         mask_image += [len(pixels)] * len(placed)
-        pixels += [image_tensor(img, *image_args)] if img else []
+        pixels += [image_tensor(img, *image_args)] * len(image_order(template, messages)) if img else []
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
     stop = stop_string(template, tokenizer)
     # on a GPU in bf16 autocast over the fp32 weights, whatever dtype trained them (a CPU stays in float32)

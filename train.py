@@ -61,11 +61,12 @@ wandb_project = "glimpse"
 wandb_run_name = "shapes"
 # data (several files: comma-separated, with one image folder each or one for all); data_path may also be a
 # folder of shards made by data.py; JSON files are made into shards under out_dir/data/
-data_path = "data/shapes/captions.json,data/shapes/colors.json,data/shapes/train.json"
+data_path = "data/shapes/captions.json,data/shapes/colors.json,data/shapes/questions.json"
 image_folder = "data/shapes"
 val_data_path = "data/shapes/val.json"
 val_image_folder = "data/shapes"
-version = "plain,vicuna_v1,vicuna_v1"  # chat template (conversation.py): one for all data files or one per file
+# chat template (conversation.py): one for all data files or one per file; the image before and after the question
+version = "plain,vicuna_v1_image_both,vicuna_v1_image_both"
 curriculum = True  # the data files one after another (each shuffled, each a stage with its own lr schedule)
 data_multiple = "0.25,0.5,1"  # per data file (or one for all): times each record is seen per epoch (0.5 = half)
 group_by_modality_length = False  # LLaVA's: batches of image or text-only records, each sorted by length

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conversation import IGNORE_INDEX, TEMPLATES, bos_ids, render, segments, stop_string, tokenize
+from conversation import IGNORE_INDEX, TEMPLATES, bos_ids, image_order, render, segments, stop_string, tokenize
 
 # llava/conversation.py (haotian-liu/LLaVA): conv_vicuna_v1 says "user", conv_llava_v1 says "human"
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -235,7 +235,7 @@ def test_templates_render_the_published_text(template):
 
 
 def test_every_template_is_covered():
-    assert set(PUBLISHED) | {"plain", "auto", "v1", "vicuna_v1_image_last"} == set(TEMPLATES)
+    assert set(PUBLISHED) | {"plain", "auto", "v1", "vicuna_v1_image_last", "vicuna_v1_image_both"} == set(TEMPLATES)
 
 
 def test_image_last_puts_the_image_after_the_question_of_its_message_only():
@@ -246,6 +246,20 @@ def test_image_last_puts_the_image_after_the_question_of_its_message_only():
     assert render(last, conv("What is this? <image>")) == render(last, conv("<image>What is this?"))
     assert render(last, conv("What is this? <image>")).endswith(" USER: What is this?\n<image> ASSISTANT:")
     assert "USER: A <image> B <image> ASSISTANT:" in render(last, conv("A <image> B <image>"))  # several: in place
+
+
+def test_image_both_shows_a_messages_one_image_before_and_after_its_question(tokenizer):
+    both = "vicuna_v1_image_both"
+    messages = conv("What is this? <image>", "A cat.", "Color?", "Black.")
+    assert render(both, messages) == VICUNA_SYSTEM + " USER: <image>\nWhat is this?\n<image> ASSISTANT: A cat.</s>" \
+                                                     "USER: Color? ASSISTANT: Black.</s>"
+    assert image_order(both, messages) == [0, 0] and image_order("vicuna_v1", messages) == [0]
+    several = conv("A <image> B <image>", "C.", "<image> D", "E.")
+    assert "USER: A <image> B <image> ASSISTANT:" in render(both, several)  # several tags in a message: in place
+    assert image_order(both, several) == [0, 1, 2, 2] and image_order("vicuna_v1", several) == [0, 1, 2]
+    assert image_order(both, conv("<image>", "A cat.")) == [0, 0] and image_order("plain", conv("<image>", "A.")) == [0]
+    ids, _ = tokenize(both, messages, tokenizer, num_image_tokens=3)
+    assert ids.count(tokenizer.convert_tokens_to_ids("<image>")) == 6
 
 
 def test_gemma_puts_the_system_prompt_in_the_first_user_turn_and_trims():

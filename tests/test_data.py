@@ -234,6 +234,18 @@ def test_samples_equal_conversation_tokenize(shapes, tokenizer, tmp_path):
         assert torch.equal(s["pixel_values"], img[None])
 
 
+def test_an_image_shown_twice_by_its_template_is_in_the_sample_twice(shapes, tokenizer, tmp_path):
+    both, records = "vicuna_v1_image_both", json.loads((shapes / "questions.json").read_text())[:4]
+    (tmp_path / "q.json").write_text(json.dumps(records))
+    d = shards(tmp_path, tokenizer, tmp_path / "q.json", shapes, num_image_tokens=5, version=both)
+    assert len(d) == len(records)
+    for i, r in enumerate(records):
+        ids, labels = tokenize(both, r["conversations"], tokenizer, 5)
+        s, img = d[i], load_image(str(shapes / r["image"]), "pad", 32, CLIP_MEAN, CLIP_STD)
+        assert s["input_ids"].tolist() == ids and s["labels"].tolist() == labels
+        assert (s["input_ids"] == d.image_id).sum() == 10 and torch.equal(s["pixel_values"], torch.stack([img, img]))
+
+
 def test_sources_jsonl_sharegpt_text_only_and_several_images(shapes, tokenizer, tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.json"
     sharegpt = {"id": "s", "messages": [{"role": "system", "content": "Be brief."},

@@ -152,6 +152,7 @@ CONVERSATIONS = [
     CHAT[:3],  # ends with the human: the generation prompt
     [{"from": "system", "value": "Be brief."}] + CHAT,
     [{"from": "human", "value": "How many shapes?"}, {"from": "gpt", "value": "Two."}],  # no image
+    [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A red circle."}],  # the image alone
 ]
 
 

@@ -286,8 +286,8 @@ def transformers_log():
 
 
 def greedy_without_cache(model, ids, pixels, n):
-    """Recompute the whole sequence for every new token: no KV cache, no padding."""
-    emb = model.embed(torch.tensor([ids]), pixels[None])
+    """Recompute the whole sequence for every new token: no KV cache, no padding. pixels: one image or several."""
+    emb = model.embed(torch.tensor([ids]), pixels if pixels.dim() == 4 else pixels[None])
     out = []
     for _ in range(n):
         tok = model.llm(inputs_embeds=emb).logits[0, -1].argmax()
@@ -318,6 +318,22 @@ def test_generate_with_cache_equals_recomputation(shapes, tokenizer, gen_model):
         ref = greedy_without_cache(gen_model, p, px, 12)
         assert got == ref
         assert len(set(ref)) > 2  # not a degenerate repetition that any position error would also produce
+
+
+@torch.no_grad()
+def test_an_image_its_template_shows_twice_is_generated_from_twice(shapes, tokenizer):
+    """sample.ask (eval.py's) writes a message's one image into both of its blocks under vicuna_v1_image_both."""
+    from sample import ask, image_args
+    model = make_model(tokenizer, seed=3, model_name_or_path={**TINY_LLM, "initializer_range": 0.3})
+    q = json.loads((shapes / "val_questions.json").read_text())[0]
+    both = "vicuna_v1_image_both"
+    message = [{"from": "human", "value": "<image>\n" + q["question"]}]
+    ids = tokenize(both, message, tokenizer, model.num_image_tokens)[0]
+    assert ids.count(model.image_token_id) == 2 * model.num_image_tokens
+    _, pixels = prompts(shapes, tokenizer, model, 1)
+    ref = tokenizer.decode(greedy_without_cache(model, ids, torch.cat([pixels, pixels]), 8), skip_special_tokens=True)
+    got = ask(model, tokenizer, both, image_args(model, {}), [str(shapes / q["image"])], [q["question"]], 8)
+    assert got == [ref.split("</s>")[0].strip()] and got[0]
 
 
 @NO_DEPRECATIONS
