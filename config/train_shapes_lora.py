@@ -4,8 +4,8 @@
 # python train.py config/train_shapes_lora.py    (BENCHMARKS.md: against a full finetune of the same steps)
 out_dir = "out-shapes-lora"
 init_from = "out-shapes"  # the newest checkpoint of the default run (its base: checkpoints name it)
-data_path = "data/shapes/train.json"
-version = "vicuna_v1"
+data_path = "data/shapes/questions.json"  # more of the default's last stage, in its template
+version = "vicuna_v1_image_both"
 data_multiple = "1"
 tower_data_path = ""  # the tower comes with the checkpoint (and LoRA refuses one taught first)
 curriculum = False
