@@ -103,6 +103,28 @@ def test_export_gives_transformers_llava_with_the_same_logits(tokenizer, image, 
     assert tied(back) == (tied(model) and llm not in ("gpt2", "opt"))
 
 
+def test_an_image_its_template_shows_twice_is_given_to_the_processor_twice(tokenizer, image, tmp_path):
+    """vicuna_v1_image_both's Jinja writes the message's one <image> before and after the question; transformers'
+    processor, given the image twice, then makes glimpse's ids and logits."""
+    model = checkpoint(tokenizer, tmp_path / "ckpt", seed=1, version="vicuna_v1_image_both",
+                       vision_tower=TOWERS["clip"][0], model_name_or_path={**LLMS["llama"], "initializer_range": 0.2},
+                       mm_vision_select_layer=-2)
+    export(tmp_path / "ckpt", tmp_path / "hf")
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf", backend="pil")
+    text = processor.apply_chat_template(hf_messages(CHAT), tokenize=False)
+    assert text == render("vicuna_v1_image_both", CHAT) and text.count("<image>") == 2
+    inputs = processor(images=[Image.open(image)] * 2, text=text, return_tensors="pt")
+    ids, _ = tokenize("vicuna_v1_image_both", CHAT, tokenizer, model.num_image_tokens)
+    assert inputs["input_ids"][0].tolist() == ids
+    t = model.vision_tower
+    pixels = load_image(str(image), "pad", t.image_size, t.image_mean, t.image_std)
+    with torch.no_grad():
+        theirs = hf(**inputs).logits
+        ours = model.llm(inputs_embeds=model.embed(torch.tensor([ids]), torch.stack([pixels, pixels]))).logits
+    assert (theirs - ours).abs().max() <= 1e-4
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(vision_tower=dict(model_type="convnext", image_size=32, patch_size=4, num_stages=2, hidden_sizes=[8, 16],
                             depths=[1, 1])), "conv net"),
