@@ -1,5 +1,5 @@
 # The tiny default, restated (train.py's and model.VLMConfig's defaults; tests/test_configurator.py keeps them equal):
-# a VLM from scratch on the built-in shapes data, about 16 minutes on a 2-core CPU (BENCHMARKS.md).
+# a VLM from scratch on the built-in shapes data, 9-16 minutes on a 2-core CPU (BENCHMARKS.md).
 # python train.py config/train_shapes.py
 out_dir = "out-shapes"
 # the tower taught alone first on the captions' word pairs (pretrain_tower.py), then kept frozen; then LLaVA's two
@@ -9,8 +9,9 @@ out_dir = "out-shapes"
 tower_data_path = "data/shapes/captions.json"
 tower_iters = 500
 data_path = "data/shapes/captions.json,data/shapes/colors.json,data/shapes/questions.json"
-# the image before the question (LLaVA's place: the question reads it) and after it (it reads the question)
-version = "plain,vicuna_v1_image_both,vicuna_v1_image_both"
+# the color questions with the image after them (it reads the question: which shape is asked for), the last stage
+# with it before (LLaVA's place: the question reads it) and after
+version = "plain,vicuna_v1_image_last,vicuna_v1_image_both"
 data_multiple = "0.25,0.5,1"  # 312 caption steps, 625 color steps, the rest (863) questions
 curriculum = True
 image_folder = "data/shapes"
