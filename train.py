@@ -65,11 +65,10 @@ data_path = "data/shapes/captions.json,data/shapes/colors.json,data/shapes/quest
 image_folder = "data/shapes"
 val_data_path = "data/shapes/val.json"
 val_image_folder = "data/shapes"
-# chat template (conversation.py): one for all data files or one per file; the color questions with the image after
-# them (each patch reads which shape is asked for), the last stage with it before and after
-version = "plain,vicuna_v1_image_last,vicuna_v1_image_both"
+# chat template (conversation.py): one for all data files or one per file; the image before and after the question
+version = "plain,vicuna_v1_image_both,vicuna_v1_image_both"
 curriculum = True  # the data files one after another (each shuffled, each a stage with its own lr schedule)
-data_multiple = "0.25,0.5,1"  # per data file (or one for all): times each record is seen per epoch (0.5 = half)
+data_multiple = "0.25,0.75,1"  # per data file (or one for all): times each record is seen per epoch (0.5 = half)
 group_by_modality_length = False  # LLaVA's: batches of image or text-only records, each sorted by length
 strict = False  # a bad record is an error instead of a counted skip (data.py lists skips in skipped.jsonl)
 max_skipped = 0.5  # the share of a data file's records that may be skipped; more stops the run (a wrong folder?)

@@ -9,10 +9,9 @@ out_dir = "out-shapes"
 tower_data_path = "data/shapes/captions.json"
 tower_iters = 500
 data_path = "data/shapes/captions.json,data/shapes/colors.json,data/shapes/questions.json"
-# the color questions with the image after them (it reads the question: which shape is asked for), the last stage
-# with it before (LLaVA's place: the question reads it) and after
-version = "plain,vicuna_v1_image_last,vicuna_v1_image_both"
-data_multiple = "0.25,0.5,1"  # 312 caption steps, 625 color steps, the rest (863) questions
+# the image before the question (LLaVA's place: the question reads it) and after it (it reads the question)
+version = "plain,vicuna_v1_image_both,vicuna_v1_image_both"
+data_multiple = "0.25,0.75,1"  # 312 caption steps, about 610 color steps, the rest questions
 curriculum = True
 image_folder = "data/shapes"
 tokenizer_name_or_path = "data/shapes/tokenizer"

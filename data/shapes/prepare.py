@@ -9,8 +9,8 @@ a gray background of varied shade. Files, all LLaVA-format JSON:
   train.json, val.json      per image: a caption, and a conversation of color, shape, count,
                             exists and grounding questions
   captions.json             one caption per train image, for stage-1 alignment with the plain template
-  colors.json               one "What color is the <shape>?" per train image, a conversation of its own: the
-                            binding's stage between the captions and the conversations
+  colors.json               one "What color is the <shape>?" per train image of 2-3 shapes, a conversation of its
+                            own: the binding's stage between the captions and the conversations
   questions.json            train.json's questions (the caption's too), each a conversation of its own, so
                             that an image after its question (vicuna_v1_image_last) comes after every question
   val_questions.json        single questions with their type and answer, for eval.py
@@ -187,8 +187,9 @@ def build_split(rng, split, n, size, out, seed):
         captions.append({"id": f"{split}_{i}", "image": image, "conversations": [
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": qs[-1][2]}]})
         shape, color, _ = random.Random(f"{seed}-color-{split}-{i}").choice(objects)  # the other files stay the same
-        colors.append({"id": f"{split}_{i}_color", "image": image,
-                       "conversations": turns([(ASK["color"].format(shape=shape), color)])})
+        if len(objects) > 1:  # with one object, naming any color of the image is right: nothing to bind
+            colors.append({"id": f"{split}_{i}_color", "image": image,
+                           "conversations": turns([(ASK["color"].format(shape=shape), color)])})
         turned += [{"id": f"{split}_{i}_{k}", "image": image, "conversations": turns([qa])}
                    for k, qa in enumerate(chat + [qs[-1][1:]])]
         single += [{"id": f"{split}_{i}_{t}", "image": image, "type": t, "question": q, "answer": a} for t, q, a in qs]
