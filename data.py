@@ -34,6 +34,7 @@ is seen exactly once per epoch whatever the number of ranks. Packed, a global ba
 the micro-batches by cost, so that the ranks' steps take about as long, and each micro-batch is packed into
 as few rows, as evenly filled, as found.
 """
+import functools
 import hashlib
 import heapq
 import json
@@ -148,6 +149,21 @@ def check_image(path):
     return size
 
 
+def image_size(path):
+    """check_image, once per version of a file (its size and mtime): the records of one image (its caption and its
+    questions, on shapes five of them) share its check."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return check_image(path)  # which says what is wrong
+    return checked_size(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def checked_size(path, nbytes, mtime_ns):
+    return check_image(path)
+
+
 def check_inside(name, path, folder):
     """An image named in a record must lie in its image folder: an absolute name, or one whose '..' climbs out,
     would read any file on the machine. Decided on the names (normpath, not realpath): a link inside the folder
@@ -240,7 +256,7 @@ def prepare(record, folder, template, tokenizer, num_image_tokens, max_len, regi
     if not allow_outside_images:
         for name, p in zip(images, paths):
             check_inside(name, p, folder)
-    sizes = [check_image(p) for p in paths]
+    sizes = [image_size(p) for p in paths]
     placed = None
     try:  # Ferret: a GRIT record's regions, in the text and as masks to make
         messages, placed = ferret.place(record, messages, sizes, rng, regions)

@@ -153,6 +153,22 @@ def test_bad_record_is_skipped_with_its_reason_and_named(tokenizer, image_folder
     assert f"{path}:1" in str(e.value) and reason in str(e.value)
 
 
+def test_an_image_that_changes_between_two_runs_is_checked_again(tokenizer, shapes, tmp_path):
+    """data.image_size checks a file once per version: an image broken after a run that read it is a skip in the
+    next run, not a size remembered from the first."""
+    (tmp_path / "images").mkdir()
+    for name in ("train_000000.png", "train_000001.png"):
+        (tmp_path / "images" / name).write_bytes((shapes / "images" / name).read_bytes())
+    image = tmp_path / "images" / "train_000000.png"
+    path = tmp_path / "data.json"
+    other = {**GOOD, "id": "other", "image": "images/train_000001.png"}
+    path.write_text(json.dumps([GOOD, {**GOOD, "id": "good2"}, other]))
+    assert shards(tmp_path, tokenizer, path, tmp_path, name="before").skipped == 0
+    broken_png(image, shapes)
+    d = shards(tmp_path, tokenizer, path, tmp_path, name="after")
+    assert d.skipped == 2 and all("unreadable image: " in s["reason"] for s in skipped(d))
+
+
 def test_bad_json_line_duplicate_record_and_too_long(tokenizer, image_folder, tmp_path):
     path = tmp_path / "data.jsonl"
     long = {**GOOD, "id": "long", "conversations": [{"from": "human", "value": "<image>\n" + "What? " * 300}, A]}
