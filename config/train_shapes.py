@@ -1,11 +1,12 @@
 # The tiny default, restated (train.py's and model.VLMConfig's defaults; tests/test_configurator.py keeps them equal):
-# a VLM from scratch on the built-in shapes data, 9-16 minutes on a 2-core CPU (BENCHMARKS.md).
+# a VLM from scratch on the built-in shapes data, 9-20 minutes on a 2-core CPU (BENCHMARKS.md).
 # python train.py config/train_shapes.py
 out_dir = "out-shapes"
 # the tower taught alone first on the captions' word pairs (pretrain_tower.py), then kept frozen; then LLaVA's two
 # stages in one run: plain captions (every word depends on the image, so the model learns to look), single-turn
-# color questions (the lookup of an object's color by its shape), then every question of the conversations, one
-# per record; curriculum takes the files in this order, each a stage with its own warmup and cosine
+# color questions about images of 2-3 shapes (the lookup of an object's color by its shape), then every question of
+# the conversations, one per record; curriculum takes the files in this order, each a stage with its own warmup and
+# cosine
 tower_data_path = "data/shapes/captions.json"
 tower_iters = 500
 data_path = "data/shapes/captions.json,data/shapes/colors.json,data/shapes/questions.json"
