@@ -160,7 +160,7 @@ def image_size(path):
 
 
 @functools.lru_cache(maxsize=1 << 17)
-def checked_size(path, nbytes, mtime_ns):
+def checked_size(path, nbytes, mtime_ns):  # nbytes and mtime_ns only key the cache: a rewritten file is checked again
     return check_image(path)
 
 

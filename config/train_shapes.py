@@ -12,7 +12,7 @@ tower_iters = 500
 data_path = "data/shapes/captions.json,data/shapes/colors.json,data/shapes/questions.json"
 # the image before the question (LLaVA's place: the question reads it) and after it (it reads the question)
 version = "plain,vicuna_v1_image_both,vicuna_v1_image_both"
-data_multiple = "0.25,0.75,1"  # 312 caption steps, about 610 color steps, the rest questions
+data_multiple = "0.25,0.75,1"  # 312 caption steps, 613 color steps (default data), the rest questions
 curriculum = True
 image_folder = "data/shapes"
 tokenizer_name_or_path = "data/shapes/tokenizer"

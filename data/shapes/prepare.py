@@ -192,8 +192,9 @@ def build_split(rng, split, n, size, out, seed):
                     {"id": f"{split}_{i}_caption", "image": image, "conversations": turns([qs[-1][1:]])}]
         captions.append({"id": f"{split}_{i}", "image": image, "conversations": [
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": qs[-1][2]}]})
-        shape, color, _ = random.Random(f"{seed}-color-{split}-{i}").choice(objects)  # the other files stay the same
         if len(objects) > 1:  # with one object, naming any color of the image is right: nothing to bind
+            # a generator of its own: the other files stay the same
+            shape, color, _ = random.Random(f"{seed}-color-{split}-{i}").choice(objects)
             colors.append({"id": f"{split}_{i}_color", "image": image,
                            "conversations": turns([(ASK["color"].format(shape=shape), color)])})
         turned += [{"id": f"{split}_{i}_{k}", "image": image, "conversations": turns([qa])}
